@@ -1,0 +1,501 @@
+"""The intervention engine: the one place where emolens registers hooks.
+
+An intervention is a small, serialisable spec: *what* to do (:class:`Add`, :class:`Scale`,
+:class:`Set`, :class:`Zero`, :class:`Mean`, :class:`Replace`), *where* (a :class:`~emolens.sites.Site`),
+*when* (a :class:`~emolens.sites.Pos` rule) and optionally *which batch rows*. Steering,
+ablation, enhancement, activation patching and circuit modulation are all lists of these.
+
+:func:`run` (one forward pass), :func:`generate` (KV-cached generation) and
+:mod:`emolens.capture` (streaming reads) all go through :class:`HookPlan`, which groups the
+specs by hook, adds one position tracker on ``hook_embed`` so position rules mean the same thing
+in a prompt pass and in every cached generation step, and registers everything through
+``TransformerBridge.hooks`` (so hooks are always removed afterwards).
+
+Example::
+
+    from emolens import load_model, resid, head, Pos
+    from emolens.interventions import Add, Zero
+    m = load_model()
+    joy = ...  # [d_model] vector
+    texts = m.generate(["How was your day?"], interventions=[
+        Add(resid(8), joy, strength=4.0, pos=Pos.all()),     # steer
+        Zero(head(10, 3)),                                   # ablate one head
+    ])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Sequence
+
+import torch
+from jaxtyping import Bool, Float
+
+from .errors import InterventionError
+from .sites import Pos, Site
+
+__all__ = ["Intervention", "Add", "Scale", "Set", "Zero", "Mean", "Replace", "Reader", "HookPlan", "run",
+           "generate", "to_json", "from_json", "save_interventions", "load_interventions"]
+
+
+# =========================================================================================
+# Tensor helpers
+# =========================================================================================
+def _tensor(x: Any, what: str) -> torch.Tensor:
+    t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=torch.float32)
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        bad = "NaN" if torch.isnan(t).any() else "inf"
+        raise InterventionError(f"The {what} contains {bad} values; check how it was computed "
+                                "(e.g. a direction normalised by a zero norm).")
+    return t
+
+
+def _tensor_to_json(t: torch.Tensor) -> dict:
+    return {"shape": list(t.shape), "data": t.detach().float().cpu().flatten().tolist()}
+
+
+def _tensor_from_json(d: Any) -> Any:
+    if isinstance(d, dict) and "shape" in d and "data" in d:
+        return torch.tensor(d["data"], dtype=torch.float32).reshape(d["shape"])
+    return d
+
+
+def component_view(site: Site, act: torch.Tensor) -> torch.Tensor:
+    """The selected components of a full hook activation.
+
+    ``[b, p, d_model]`` for residual/sublayer sites, ``[b, p, n_sel, d_head]`` for heads,
+    ``[b, p, n_sel]`` for neurons (``n_sel`` = all when ``index`` is None).
+    """
+    idx = site.indices
+    if idx is None:
+        return act
+    return act[:, :, list(idx)]
+
+
+def _write_components(site: Site, act: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    idx = site.indices
+    if idx is None:
+        return new
+    out = act.clone()  # out of place: keeps autograd intact for attribution
+    out[:, :, list(idx)] = new
+    return out
+
+
+def _site_rms(site: Site, act: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:
+    """RMS at each position: over d_model (residual), d_head (per head), or all d_mlp (neurons)."""
+    if site.kind == "neuron":
+        return act.float().pow(2).mean(-1, keepdim=True).add(1e-12).sqrt().to(act.dtype)
+    return sub.float().pow(2).mean(-1, keepdim=True).add(1e-12).sqrt().to(act.dtype)
+
+
+# =========================================================================================
+# Specs
+# =========================================================================================
+OPS: dict[str, type["Intervention"]] = {}
+
+
+@dataclass
+class Intervention:
+    """Base spec. ``rows`` limits it to some batch rows (``None`` = all)."""
+
+    site: Site
+    pos: Pos = field(default_factory=Pos.all, kw_only=True)
+    rows: tuple[int, ...] | None = field(default=None, kw_only=True)
+    op: ClassVar[str] = ""
+    _tensor_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.op:
+            OPS[cls.op] = cls
+
+    def __post_init__(self) -> None:
+        self.site = Site.parse(self.site)
+        if isinstance(self.pos, (str, dict)):
+            self.pos = Pos.from_dict(self.pos)
+        if self.rows is not None:
+            self.rows = tuple(int(r) for r in self.rows)
+
+    # -- to implement ------------------------------------------------------------------------
+    def candidate(self, act: torch.Tensor, sub: torch.Tensor, model) -> torch.Tensor:
+        """New values for the selected components (same shape as ``sub``)."""
+        raise NotImplementedError
+
+    def check(self, model) -> None:
+        """Validate against a model (widths, ranges); raise InterventionError/SiteError."""
+        self.site.validate(model)
+
+    # -- engine ------------------------------------------------------------------------------
+    def apply(self, act: torch.Tensor, sel: Bool[torch.Tensor, "batch pos"], model) -> torch.Tensor:
+        sub = component_view(self.site, act)
+        cand = self.candidate(act, sub, model).to(sub.dtype)
+        m = sel.reshape(sel.shape + (1,) * (sub.ndim - 2))
+        return _write_components(self.site, act, torch.where(m, cand, sub))
+
+    def _vector_shape(self, model, v: torch.Tensor, what: str) -> torch.Tensor:
+        """Broadcastable payload for the selected components (checks width)."""
+        s = self.site
+        n_sel = len(s.indices) if s.indices is not None else (model.n_heads if s.kind == "head" else
+                                                              model.d_mlp if s.kind == "neuron" else 1)
+        if s.kind == "head":
+            if v.ndim == 1 and v.numel() == model.d_head:
+                return v
+            if v.numel() == n_sel * model.d_head:
+                return v.reshape(n_sel, model.d_head)
+            if s.indices is not None and v.numel() == model.n_heads * model.d_head:  # flattened full layer
+                return v.reshape(model.n_heads, model.d_head)[list(s.indices)]
+            exp = f"[{model.d_head}] or [{n_sel}, {model.d_head}]"
+        elif s.kind == "neuron":
+            if v.ndim == 0 or v.numel() == n_sel:
+                return v.reshape(-1) if v.ndim else v
+            if s.indices is not None and v.numel() == model.d_mlp:  # full layer vector
+                return v.reshape(-1)[list(s.indices)]
+            exp = f"a scalar or [{n_sel}]"
+        else:
+            if v.ndim == 0 or v.shape == (model.d_model,):
+                return v
+            exp = f"[{model.d_model}] (d_model)"
+        raise InterventionError(f"{type(self).__name__} {what} at {s} has shape {tuple(v.shape)}; "
+                                f"{model.name} needs {exp}.")
+
+    # -- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"op": self.op, "site": self.site.to_dict(), "pos": self.pos.to_dict(),
+                             "rows": list(self.rows) if self.rows is not None else None}
+        for f in fields(self):
+            if f.name in ("site", "pos", "rows"):
+                continue
+            v = getattr(self, f.name)
+            d[f.name] = _tensor_to_json(v) if isinstance(v, torch.Tensor) else v
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "Intervention":
+        d = dict(d)
+        op = d.pop("op", None)
+        if op not in OPS:
+            raise InterventionError(f"Unknown intervention op {op!r}; valid ops: {', '.join(sorted(OPS))}.")
+        kw = {k: _tensor_from_json(v) for k, v in d.items()}
+        kw["site"] = Site.from_dict(kw["site"])
+        kw["pos"] = Pos.from_dict(kw.get("pos", "all"))
+        return OPS[op](**kw)
+
+
+@dataclass
+class Add(Intervention):
+    """``h += strength * vector`` (times the site's RMS at that position when ``rms=True``).
+
+    ``vector``: ``[d_model]`` for residual/sublayer sites; ``[d_head]`` or ``[n_sel, d_head]`` (or
+    the flattened ``[n_heads*d_head]`` layer vector) for heads; a scalar or ``[n_sel]`` (or
+    ``[d_mlp]``) for neurons.
+    """
+
+    vector: torch.Tensor = None  # type: ignore[assignment]
+    strength: float = 1.0
+    rms: bool = False
+    op: ClassVar[str] = "add"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.vector is None:
+            raise InterventionError("Add needs a vector.")
+        self.vector = _tensor(self.vector, "Add vector")
+        if not torch.isfinite(torch.tensor(float(self.strength))):
+            raise InterventionError(f"Add strength {self.strength} is not finite.")
+
+    def check(self, model) -> None:
+        super().check(model)
+        self._vector_shape(model, self.vector, "vector")
+
+    def candidate(self, act, sub, model):
+        v = self._vector_shape(model, self.vector, "vector").to(sub.device, sub.dtype)
+        delta = self.strength * v
+        if self.rms:
+            delta = delta * _site_rms(self.site, act, sub)
+        return sub + delta
+
+
+@dataclass
+class Scale(Intervention):
+    """``h *= factor``: a scalar, or one factor per selected head/neuron (``[n_sel]``).
+
+    Enhancement (factor > 1) and attenuation (factor < 1) of components.
+    """
+
+    factor: Any = 1.0
+    op: ClassVar[str] = "scale"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.factor = _tensor(self.factor, "Scale factor")
+
+    def _n_sel(self, model) -> int:
+        s = self.site
+        return len(s.indices) if s.indices is not None else (model.n_heads if s.kind == "head" else model.d_mlp)
+
+    def check(self, model) -> None:
+        super().check(model)
+        if self.factor.ndim and (self.site.kind not in ("head", "neuron")
+                                 or self.factor.shape != (self._n_sel(model),)):
+            raise InterventionError(f"Scale factor at {self.site} has shape {tuple(self.factor.shape)}; use a "
+                                    "scalar, or one factor per selected head/neuron "
+                                    f"([{self._n_sel(model)}]).")
+
+    def candidate(self, act, sub, model):
+        f = self.factor.to(sub.device, sub.dtype)
+        if f.ndim and self.site.kind == "head":
+            f = f[:, None]
+        return sub * f
+
+
+@dataclass
+class Set(Intervention):
+    """``h = value`` (a scalar or a vector shaped like :class:`Add`'s). Zero/mean ablation."""
+
+    value: Any = 0.0
+    op: ClassVar[str] = "set"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.value = _tensor(self.value, f"{type(self).__name__} value")
+
+    def check(self, model) -> None:
+        super().check(model)
+        if self.value.ndim:
+            self._vector_shape(model, self.value, "value")
+
+    def candidate(self, act, sub, model):
+        v = self.value if not self.value.ndim else self._vector_shape(model, self.value, "value")
+        return torch.zeros_like(sub) + v.to(sub.device, sub.dtype)
+
+
+@dataclass
+class Zero(Set):
+    """Zero ablation: ``h = 0``."""
+
+    op: ClassVar[str] = "zero"
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d.pop("value", None)
+        return d
+
+
+@dataclass
+class Mean(Set):
+    """Mean ablation: ``h = mean`` (a mean activation over a reference set; see :mod:`emolens.capture`)."""
+
+    op: ClassVar[str] = "mean"
+
+
+@dataclass
+class Replace(Intervention):
+    """``h = source`` at the selected positions: activation patching.
+
+    ``source`` is a full hook activation from another run of the *same padded length*
+    (``[batch or 1, pos, ...]``, e.g. ``capture.run_with_cache(...)[site.hook_name]``); rows map
+    to rows (a source batch of 1 broadcasts).
+    """
+
+    source: torch.Tensor = None  # type: ignore[assignment]
+    op: ClassVar[str] = "replace"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.source is None:
+            raise InterventionError("Replace needs a source activation.")
+        self.source = _tensor(self.source, "Replace source")
+
+    def check(self, model) -> None:
+        super().check(model)
+        dims = self.site.component_dims(model)
+        if tuple(self.source.shape[2:]) != dims:
+            raise InterventionError(f"Replace source at {self.site} has per-position shape "
+                                    f"{tuple(self.source.shape[2:])}; the hook {self.site.hook_name} has {dims}. "
+                                    "Pass the full hook activation from the other run.")
+
+    def candidate(self, act, sub, model):
+        src = self.source.to(act.device, act.dtype)
+        if src.shape[1] != act.shape[1] or src.shape[0] not in (1, act.shape[0]):
+            raise InterventionError(f"Replace source at {self.site} has shape {tuple(src.shape[:2])} "
+                                    f"[batch, pos] but the run has {tuple(act.shape[:2])}; patch between "
+                                    "batches of equal padded length (encode them together), or pick "
+                                    "positions with a rule that exists in both.")
+        return component_view(self.site, src).expand_as(sub)
+
+
+# =========================================================================================
+# Readers (capture) and the hook plan
+# =========================================================================================
+@dataclass
+class Reader:
+    """Read a site's activation after interventions: ``fn(values, sel, tracker)``.
+
+    ``values`` is the component view (see :func:`component_view`), ``sel`` the ``[batch, pos]``
+    mask of the rule ``pos``.
+    """
+
+    site: Site
+    fn: Callable[[torch.Tensor, torch.Tensor, "PositionTracker"], None]
+    pos: Pos = field(default_factory=Pos.all)
+
+
+class PositionTracker:
+    """Knows which padded positions the current forward call covers.
+
+    A hook on ``hook_embed`` records where each call starts: 0 for a prompt pass, then
+    ``T, T+1, ...`` for KV-cached generation steps.
+    """
+
+    def __init__(self) -> None:
+        self.batch = None
+        self.seen = 0
+        self.start = 0
+        self._memo: dict = {}
+
+    def set_batch(self, batch) -> None:
+        self.batch, self.seen, self.start, self._memo = batch, 0, 0, {}
+
+    def on_embed(self, x: torch.Tensor, hook) -> None:
+        self.start = self.seen
+        self.seen += x.shape[1]
+        self._memo = {}
+
+    def select(self, pos: Pos, B: int, S: int, rows: tuple[int, ...] | None = None
+               ) -> Bool[torch.Tensor, "batch pos"]:
+        key = (pos, B, S, rows)
+        if key in self._memo:
+            return self._memo[key]
+        b = self.batch
+        if b is None or B != len(b):
+            raise InterventionError(f"The forward pass has batch size {B} but the engine was given "
+                                    f"{None if b is None else len(b)} rows (beam search and "
+                                    "num_return_sequences>1 are not supported with interventions).")
+        dev = b.input_ids.device
+        rel = torch.arange(self.start, self.start + S, device=dev)[None, :] - b.pad_offset[:, None]
+        sel = pos.select(rel, b.prompt_len, rel >= 0)
+        if rows is not None:
+            keep = torch.zeros(B, dtype=torch.bool, device=dev)
+            keep[list(rows)] = True
+            sel = sel & keep[:, None]
+        self._memo[key] = sel
+        return sel
+
+
+class HookPlan:
+    """Interventions and readers grouped by hook, registered together through ``bridge.hooks``."""
+
+    def __init__(self, model, interventions: Iterable[Intervention] | None = None,
+                 readers: Iterable[Reader] | None = None):
+        self.model = model
+        self.interventions = list(interventions or [])
+        self.readers = list(readers or [])
+        for iv in self.interventions:
+            if not isinstance(iv, Intervention):
+                raise InterventionError(f"Expected Intervention specs, got {type(iv).__name__}; build them "
+                                        "with emolens.interventions.Add/Scale/Set/Zero/Mean/Replace.")
+            iv.check(model)
+        for r in self.readers:
+            r.site.validate(model)
+        self.tracker = PositionTracker()
+        by_hook: dict[str, tuple[list, list]] = {}
+        for iv in self.interventions:
+            by_hook.setdefault(iv.site.hook_name, ([], []))[0].append(iv)
+        for r in self.readers:
+            by_hook.setdefault(r.site.hook_name, ([], []))[1].append(r)
+        self._by_hook = by_hook
+
+    def _hook_fn(self, ivs: list[Intervention], readers: list[Reader]):
+        tracker, model = self.tracker, self.model
+
+        def fn(act: torch.Tensor, hook):
+            B, S = act.shape[:2]
+            for iv in ivs:
+                sel = tracker.select(iv.pos, B, S, iv.rows)
+                act = iv.apply(act, sel, model)
+            for r in readers:
+                r.fn(component_view(r.site, act), tracker.select(r.pos, B, S), tracker)
+            return act
+
+        return fn
+
+    @property
+    def empty(self) -> bool:
+        return not self._by_hook
+
+    @contextlib.contextmanager
+    def hooks(self):
+        """Register the plan's hooks for the duration of the block."""
+        if self.empty:
+            yield self
+            return
+        fwd = [("hook_embed", self.tracker.on_embed)]
+        fwd += [(name, self._hook_fn(ivs, rd)) for name, (ivs, rd) in self._by_hook.items()]
+        with self.model.bridge.hooks(fwd_hooks=fwd):
+            yield self
+
+    def forward(self, batch, *, grad: bool = False) -> Float[torch.Tensor, "batch pos vocab"]:
+        """One forward pass of ``batch`` (call inside :meth:`hooks`)."""
+        self.tracker.set_batch(batch)
+        with torch.set_grad_enabled(grad):
+            out = self.model.hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      position_ids=batch.position_ids, use_cache=False)
+        return out.logits
+
+
+def run(model, batch, *, interventions: Iterable[Intervention] | None = None,
+        readers: Iterable[Reader] | None = None, grad: bool = False) -> Float[torch.Tensor, "batch pos vocab"]:
+    """One forward pass with interventions and readers; returns logits ``[batch, pos, d_vocab]``."""
+    plan = HookPlan(model, interventions, readers)
+    with plan.hooks():
+        return plan.forward(batch, grad=grad)
+
+
+def generate(model, batch, *, interventions: Iterable[Intervention] | None = None,
+             readers: Iterable[Reader] | None = None, max_new_tokens: int = 40, do_sample: bool = False,
+             **kw: Any) -> list[torch.Tensor]:
+    """KV-cached generation from a prompt batch; returns each row's new token ids (eos-trimmed)."""
+    plan = HookPlan(model, interventions, readers)
+    tok = model.tokenizer
+    gen_kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id)
+    if not do_sample:
+        gen_kw.update(temperature=None, top_p=None, top_k=None)
+    gen_kw.update(kw)
+    plan.tracker.set_batch(batch)
+    with plan.hooks(), torch.no_grad():
+        out = model.hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **gen_kw)
+    T = batch.input_ids.shape[1]
+    eos = model.hf_model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {tok.eos_token_id}
+    rows = []
+    for r in out[:, T:]:
+        ids = r.tolist()
+        cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
+        rows.append(r[:cut])
+    return rows
+
+
+# =========================================================================================
+# Serialisation
+# =========================================================================================
+def to_json(interventions: Sequence[Intervention]) -> str:
+    """JSON text of a list of specs (tensors inline as shape + flat data)."""
+    return json.dumps([iv.to_dict() for iv in interventions])
+
+
+def from_json(text: str) -> list[Intervention]:
+    return [Intervention.from_dict(d) for d in json.loads(text)]
+
+
+def save_interventions(path: str | Path, interventions: Sequence[Intervention]) -> Path:
+    """Save specs as JSON (no pickle)."""
+    p = Path(path)
+    p.write_text(to_json(interventions))
+    return p
+
+
+def load_interventions(path: str | Path) -> list[Intervention]:
+    return from_json(Path(path).read_text())

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random-weight models (fast) and the embedded model (integration)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("EMOLENS_PROGRESS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY = ("tiny-llama", "tiny-qwen2", "tiny-gemma3")
+_CACHE: dict = {}
+
+
+def get_model(name: str):
+    """Load once per session (tests must not mutate model weights)."""
+    import emolens
+
+    if name not in _CACHE:
+        _CACHE[name] = emolens.load_model(name, device="cpu")
+    return _CACHE[name]
+
+
+@pytest.fixture(params=TINY, scope="session")
+def tiny(request):
+    return get_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return get_model("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smol():
+    return get_model("smollm2-135m-instruct")
