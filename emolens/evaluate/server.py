@@ -50,7 +50,10 @@ def _make_handler(generate_fn: GenerateFn, model_name: str, lock: threading.Lock
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (e.g. its timeout)
+                self.close_connection = True
 
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0].rstrip("/")
@@ -91,7 +94,8 @@ def _make_handler(generate_fn: GenerateFn, model_name: str, lock: threading.Lock
                 return
             try:
                 max_tokens = int(req.get("max_tokens") or req.get("max_completion_tokens") or default_max_tokens)
-                temperature = float(req.get("temperature", 1.0) if req.get("temperature") is not None else 1.0)
+                t_req = req.get("temperature")
+                temperature = 1.0 if t_req is None else float(t_req)  # OpenAI default 1.0
             except (TypeError, ValueError):
                 self._send(400, _error("'max_tokens' must be an int and 'temperature' a number"))
                 return
@@ -146,7 +150,7 @@ def serve(
     lock = threading.Lock()
     httpd = ThreadingHTTPServer((host, int(port)), _make_handler(generate_fn, model_name, lock, default_max_tokens))
     httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, name=f"emolens-serve-{httpd.server_address[1]}", daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=f"emolens-serve-{httpd.server_address[1]}", daemon=True)
     thread.start()
     bound_host, bound_port = httpd.server_address[:2]
     shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host

@@ -1,0 +1,72 @@
+"""Shared helpers for benchmarks: timing, peak RSS, a plain HF reference model."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+os.environ.setdefault("EMOLENS_PROGRESS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
+    """Median wall time in seconds."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median times of several functions run alternately (fair under background load)."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            ts[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in ts.items()}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def plain_hf(name: str = "smollm2-135m-instruct"):
+    """An un-bridged transformers model with the same weights (default attention implementation)."""
+    from transformers import AutoModelForCausalLM
+
+    import emolens
+    from emolens.model import cache_dir
+
+    emolens.load_model(name)  # make sure the safetensors cache exists
+    return AutoModelForCausalLM.from_pretrained(cache_dir() / "models" / name, dtype=torch.float32).eval()
+
+
+PROMPTS = [
+    "I just got back from a long trip and the house feels quiet.",
+    "My sister called to say she is moving to another city next month.",
+    "The train was delayed again, so I missed the first half of the meeting.",
+    "We finally finished painting the kitchen after three weekends of work.",
+    "A friend I hadn't heard from in years sent me a letter yesterday.",
+    "The doctor wants to run a few more tests before the results come in.",
+    "Our team presented the project to the whole company this morning.",
+    "I found an old photo album while cleaning out the attic.",
+]
