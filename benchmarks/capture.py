@@ -45,14 +45,14 @@ def main() -> None:
     m = emolens.load_model()
     hf = plain_hf()
     prompts = PROMPTS * 2  # 16 prompts
-    batch = m.encode(prompts, chat=False)
+    batch = m.encode(prompts)  # chat-formatted, as the pipelines run them
     sites = all_sites(m)
 
     def plain():
         hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
 
     def cap():
-        capture(m, prompts, sites, pos="all", reduce="mean", batch_size=len(prompts), chat=False, progress=False)
+        capture(m, prompts, sites, pos="all", reduce="mean", batch_size=len(prompts), progress=False)
 
     t = interleaved({"plain": plain, "capture": cap}, repeat=7)
     x = t["capture"] / t["plain"]

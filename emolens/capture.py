@@ -107,13 +107,16 @@ class _Accumulator:
             per = v[sel].reshape(v.shape[0], k, *v.shape[2:])
             self.items.append((per[:, 0] if k == 1 else per).float().cpu())
             return
-        w = sel.to(torch.float64)  # [b, p]
-        flat = v.to(torch.float64).flatten(2)  # [b, p, D]
-        per_row = torch.einsum("bp,bpd->bd", w, flat)  # sum over selected positions
+        flat = v.flatten(2)  # [b, p, D]
+        w = sel.to(flat.dtype)  # [b, p]
         if self.total is None:
             self.total = torch.zeros((self.n_groups, flat.shape[-1]), dtype=torch.float64, device=v.device)
             self.dims = tuple(v.shape[2:])
-        self.total.index_add_(0, self.group_ids, per_row)
+        # Sum within the batch in the model dtype (cheap), accumulate across batches in float64.
+        if self.n_groups == 1:
+            self.total[0] += torch.einsum("bp,bpd->d", w, flat).double()
+        else:
+            self.total.index_add_(0, self.group_ids, torch.einsum("bp,bpd->bd", w, flat).double())
 
 
 def capture(model, prompts: "Sequence[Any] | Any", sites: "Site | str | Sequence[Site | str]", *,

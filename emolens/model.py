@@ -165,12 +165,13 @@ def _tiny(name: str, dtype: torch.dtype):
     return hf, tok
 
 
-def _load_hf(name: str, dtype: torch.dtype, trust_remote_code: bool):
+def _load_hf(name: str, dtype: torch.dtype, trust_remote_code: bool, device_map=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+        extra = {"device_map": device_map} if device_map is not None else {}
+        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as e:
         raise ModelNotFoundError(
             f"Could not load model {name!r}: {str(e).splitlines()[0]}\n"
@@ -183,7 +184,8 @@ def _load_hf(name: str, dtype: torch.dtype, trust_remote_code: bool):
 
 
 def load_model(name: str | None = None, *, device: str | torch.device | None = None,
-               dtype: torch.dtype | str | None = None, trust_remote_code: bool = False) -> "EmoModel":
+               dtype: torch.dtype | str | None = None, trust_remote_code: bool = False,
+               device_map: str | dict | None = None) -> "EmoModel":
     """Load a chat model and wrap it for emolens.
 
     Args:
@@ -192,6 +194,9 @@ def load_model(name: str | None = None, *, device: str | torch.device | None = N
         device: ``"cpu"``, ``"cuda"``, ...; default CUDA when available.
         dtype: default float32 on CPU, bfloat16 on CUDA.
         trust_remote_code: passed to transformers for HF ids; off unless you ask.
+        device_map: for HF ids, a transformers ``device_map`` (``"auto"``, ``"balanced"``, a dict)
+            to split a large model over several GPUs; the model is placed by transformers
+            before the bridge boots (TransformerLens refuses ``device_map`` with ``hf_model``).
 
     Returns:
         :class:`EmoModel`, in eval mode.
@@ -211,14 +216,16 @@ def load_model(name: str | None = None, *, device: str | torch.device | None = N
         hf, tok = _tiny(key, dtype)
         label = f"emolens/{key}"
     elif "/" in name or Path(name).expanduser().exists():
-        hf, tok = _load_hf(name, dtype, trust_remote_code)
+        hf, tok = _load_hf(name, dtype, trust_remote_code, device_map)
         label = name
     else:
         raise ModelNotFoundError(
             f"Unknown model name {name!r}. Known names: {', '.join(KNOWN_MODELS)}. "
             "Any Hugging Face model id (e.g. 'meta-llama/Llama-3.1-8B-Instruct') or local model "
             "directory also works when its files are available.")
-    hf = hf.to(device).eval()
+    if device_map is not None and key in KNOWN_MODELS:
+        raise ModelNotFoundError(f"device_map applies to Hugging Face ids; {name!r} is small, pass device= instead.")
+    hf = (hf if device_map is not None else hf.to(device)).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
