@@ -31,8 +31,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration and not browser" $(ARGS)
 
+# The docs site with every tutorial executed on the embedded model (EMOLENS_TUTORIAL_MODEL overrides).
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict
+	EMOLENS_DOCS_EXECUTE=1 NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 bench: $(STAMP)
 	$(PY) benchmarks/capture.py

@@ -6,7 +6,9 @@ Subcommands register themselves in :data:`COMMANDS`; each gets ``--help`` text.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from pathlib import Path
 from typing import Callable
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -70,6 +72,216 @@ def _demo(args) -> int:
     print(f"model: {m!r}\nprompt: {args.prompt}\n\n[unsteered]\n{base}\n\n"
           f"[steered: +1 x (joy - neutral) at {site}, every position]\n{steered}")
     return 0
+
+
+def _pipeline(name: str):
+    """Import ``emolens.pipelines.<name>``; None when that pipeline is not part of this build."""
+    import importlib
+
+    mod_name = f"emolens.pipelines.{name}"
+    try:
+        return importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name in (mod_name, "emolens.pipelines"):
+            return None
+        raise
+
+
+def _run_args(p):
+    _model_arg(p)
+    p.add_argument("--out", default="runs", help="folder that holds run folders (default: ./runs)")
+    p.add_argument("--name", default=None, help="run folder name (default: a timestamp); never reused unless "
+                   "--overwrite is given")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same --name")
+    p.add_argument("--quick", action="store_true", help="small data and few tokens: a fast smoke run")
+    p.add_argument("--only", choices=("paper1", "paper2", "overview"), default=None,
+                   help="run only one pipeline (overview = the built-in model overview)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@command("run", "run the pipelines on a model and write a self-contained report.html into a new run folder")(_run_args)
+def _run(args) -> int:
+    import time
+
+    import emolens
+    from emolens import report
+
+    run_dir = report.new_run_dir(args.out, args.name, overwrite=args.overwrite)  # fail early on a taken name
+    progress = not args.no_progress
+    t0 = time.time()
+    print(f"emolens run -> {run_dir}", flush=True)
+    with _cleanup_if_empty(run_dir):
+        m = emolens.load_model(args.model, device=args.device)
+    settings = {"quick": args.quick, "only": args.only or "all", "device": str(m.device), "dtype": str(m.dtype)}
+    wanted = [args.only] if args.only else ["paper1", "paper2"]
+    sections, missing, failure = [], [], None
+    for name in wanted:
+        if name == "overview":
+            continue
+        mod = _pipeline(name)
+        if mod is None or not hasattr(mod, "run"):
+            missing.append(name)
+            continue
+        print(f"[{name}] running", flush=True)
+        try:
+            sections += list(mod.run(m, run_dir, quick=args.quick, progress=progress))
+        except Exception as e:  # noqa: BLE001 - report what finished, then fail loudly
+            import traceback
+
+            from emolens.sections import Section
+
+            failure = e
+            sections.append(Section(f"{name} failed", text=[f"{type(e).__name__}: {e}",
+                                                            "".join(traceback.format_exc(limit=6))]))
+            break
+    if missing:
+        settings["not in this build"] = ", ".join(missing)
+    if args.only == "overview" or (missing and not sections):
+        if missing:
+            print(f"pipelines not available in this build: {', '.join(missing)}; writing the built-in model overview",
+                  flush=True)
+        sections = report.overview_sections(m, quick=args.quick, progress=progress, settings=settings) + sections
+    else:
+        sections = [report.model_info_section(m, settings)] + sections
+    meta = report.run_metadata(m, settings, command="emolens run", elapsed_s=round(time.time() - t0, 1))
+    path = report.write_report(sections, run_dir, title=f"emolens report: {m.name}", meta=meta, model_info=m.info())
+    print(f"report: {path.resolve()}")
+    if failure is not None:
+        raise failure
+    return 0
+
+
+@contextlib.contextmanager
+def _cleanup_if_empty(run_dir: Path):
+    """Remove a fresh run folder again when the command fails before writing anything into it."""
+    try:
+        yield
+    except BaseException:
+        if run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        raise
+
+
+def _report_args(p):
+    p.add_argument("run_dir", help="a run folder written by `emolens run`")
+    p.add_argument("--output", default=None, help="write the HTML here instead of RUN_DIR/report.html")
+
+
+@command("report", "re-render report.html from a run folder's saved results")(_report_args)
+def _report(args) -> int:
+    from emolens import report
+
+    path = report.rerender(args.run_dir, out=args.output)
+    print(f"report: {Path(path).resolve()}")
+    return 0
+
+
+def _delegate_args(p):
+    _model_arg(p)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options passed on to the pipeline's command")
+
+
+def _delegate(pipeline: str, fn: str, what: str, args) -> int:
+    from .errors import MissingDependencyError
+
+    mod = _pipeline(pipeline)
+    if mod is None or not hasattr(mod, fn):
+        raise MissingDependencyError(f"`emolens {what}` needs emolens.pipelines.{pipeline}.{fn}, which this build "
+                                     "does not have yet; update emolens or use the Python API.")
+    return getattr(mod, fn)(args) or 0
+
+
+@command("steer", "emotion vectors and steering (paper 1): build vectors, steer a chat")(_delegate_args)
+def _steer(args) -> int:
+    return _delegate("paper1", "steer_cli", "steer", args)
+
+
+@command("circuit", "emotion circuits (paper 2): score neurons/heads, build and test a circuit")(_delegate_args)
+def _circuit(args) -> int:
+    return _delegate("paper2", "circuit_cli", "circuit", args)
+
+
+def _attribute_args(p):
+    _model_arg(p)
+    p.add_argument("--clean", required=True, help="clean prompt (raw text)")
+    p.add_argument("--corrupted", required=True, help="corrupted prompt with the same number of tokens")
+    p.add_argument("--target", required=True, help="answer token text for the clean prompt, e.g. ' happy'")
+    p.add_argument("--foil", required=True, help="answer token text for the corrupted prompt, e.g. ' sad'")
+    p.add_argument("--chat", action="store_true", help="wrap the prompts in the chat template")
+    p.add_argument("--out", default="runs", help="folder that holds run folders (default: ./runs)")
+    p.add_argument("--name", default=None, help="run folder name (default: a timestamp)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same --name")
+    p.add_argument("--top", type=int, default=10, help="rows in the top-component tables")
+    p.add_argument("--method", default="atp", choices=("atp", "atp*", "ig"),
+                   help="attribution patching, AtP* (QK fix + GradDrop) or integrated gradients (default: atp)")
+    p.add_argument("--nodes", default="resid,heads,neurons,sublayers",
+                   help="comma-separated node groups: resid, heads, neurons, sublayers, q, k, v, edges")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@command("attribute", "attribution patching for a clean/corrupted prompt pair; writes heatmaps to a small report")(
+    _attribute_args)
+def _attribute(args) -> int:
+    import pandas as pd
+
+    import emolens
+    from emolens import report, viz
+    from emolens.sections import Section
+
+    run_dir = report.new_run_dir(args.out, args.name, overwrite=args.overwrite)
+    with _cleanup_if_empty(run_dir):
+        m = emolens.load_model(args.model, device=args.device)
+        results = _attribution_results(m, args)
+    if not results:
+        raise emolens.InputError(f"Attribution returned no results for nodes {args.nodes!r}.")
+    first = next(iter(results.values()))
+    sec = Section("Attribution patching")
+    sec.add_text(f"clean: {args.clean!r}", f"corrupted: {args.corrupted!r}",
+                 f"metric: {first.meta.get('metric', '?')}; method: {first.meta.get('method', args.method)}; "
+                 f"target {args.target!r}, foil {args.foil!r}")
+    for name, res in results.items():
+        try:
+            sec.add_figure(name, viz.plot(res))
+        except emolens.ResultError as e:
+            sec.add_text(f"{name}: no plot ({e})")
+        if res.scores.numel():
+            sec.add_table(f"Top {name}", pd.DataFrame(res.top(min(args.top, res.scores.numel()))))
+        sec.results[name] = res
+    settings = {"clean": args.clean, "corrupted": args.corrupted, "target": args.target, "foil": args.foil,
+                "chat": args.chat, "method": args.method, "nodes": args.nodes}
+    path = report.write_report([report.model_info_section(m), sec], run_dir, title=f"emolens attribution: {m.name}",
+                               meta=report.run_metadata(m, settings, command="emolens attribute"), model_info=m.info())
+    for name, res in results.items():
+        if res.scores.numel():
+            t = res.top(1)[0]
+            print(f"{name:10s} top: " + ", ".join(f"{k}={v}" for k, v in t.items()))
+    print(f"report: {path.resolve()}")
+    return 0
+
+
+def _attribution_results(m, args) -> dict:
+    """Attribution via emolens.attribution; the built-in gradient estimate when that module is absent."""
+    from emolens import report
+    from emolens.errors import EmolensError
+
+    try:
+        from emolens import attribution, metrics
+    except ImportError:
+        attribution = metrics = None
+    if attribution is None or not hasattr(attribution, "attribute"):
+        if args.chat:
+            from .errors import InputError
+
+            raise InputError("--chat needs emolens.attribution, which this build does not have; drop --chat.")
+        a = report._gradient_attribution(m, args.clean, args.corrupted, args.target, args.foil)
+        return {k: a[k] for k in ("resid", "heads", "neurons", "sublayers")}
+    try:  # single-token answers: logit difference at t*; otherwise teacher-forced log-prob difference
+        metric = metrics.logit_diff(m, args.target, args.foil)
+    except EmolensError:
+        metric = metrics.continuation_logprob_diff(m, args.target, args.foil)
+    nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+    return dict(attribution.attribute(m, [args.clean], [args.corrupted], metric, nodes=nodes, method=args.method,
+                                      chat=args.chat, progress=not args.no_progress))
 
 
 def main(argv: list[str] | None = None) -> int:

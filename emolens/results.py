@@ -176,10 +176,9 @@ class Result:
         """Notebook view: a heatmap when plotly is available, plus the top cells."""
         parts = [f"<b>{html.escape(repr(self))}</b>"]
         try:
-            from .viz import plot
+            from .viz import notebook_html, plot
 
-            fig = plot(self)
-            parts.append(fig.to_html(include_plotlyjs="cdn", full_html=False))
+            parts.append(notebook_html(plot(self)))  # plotly.js embedded (offline-safe), once per session
         except Exception:  # plotting is a convenience here; the table always renders
             pass
         if self.scores.numel():

@@ -41,3 +41,9 @@ class Section:
     def add_table(self, caption: str, df: Any) -> "Section":
         self.tables.append((caption, df))
         return self
+
+    def _repr_html_(self) -> str:
+        """Notebook view: the section as it appears in the report (figures drawn offline)."""
+        from .report import ReportView
+
+        return ReportView([self], title=self.title)._repr_html_()
