@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/emolens demo $(ARGS)
+	$(VENV)/bin/emolens run $(ARGS)
 
 test: $(STAMP)
 	$(PY) tools/ensure_chromium.py
