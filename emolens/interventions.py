@@ -127,6 +127,20 @@ class Intervention:
     def check(self, model) -> None:
         """Validate against a model (widths, ranges); raise InterventionError/SiteError."""
         self.site.validate(model)
+        if self.site.kind == "resid_mid" and not (isinstance(self, Add) and not self.rms):
+            raise InterventionError(
+                f"{type(self).__name__} cannot write {self.site}: TransformerLens reads resid_mid at the MLP "
+                "norm's input, where an edit would reach the MLP but not the residual stream. Use Add "
+                "(without rms) on resid_mid, which emolens applies to the attention output, or write "
+                f"attn_out.{self.site.layer} / resid_post.{self.site.layer - 1} instead.")
+
+    @property
+    def write_hook(self) -> str:
+        """Hook where the edit happens. ``resid_mid`` aliases the MLP norm's input, so an additive
+        resid_mid edit is applied to the attention output (identical effect on the residual)."""
+        if self.site.kind == "resid_mid":
+            return f"blocks.{self.site.layer}.hook_attn_out"
+        return self.site.hook_name
 
     # -- engine ------------------------------------------------------------------------------
     def apply(self, act: torch.Tensor, sel: Bool[torch.Tensor, "batch pos"], model) -> torch.Tensor:
@@ -513,7 +527,7 @@ class HookPlan:
         self.layer_inputs: LayerInputs | None = None
         by_hook: dict[str, tuple[list, list]] = {}
         for iv in self.interventions:
-            by_hook.setdefault(iv.site.hook_name, ([], []))[0].append(iv)
+            by_hook.setdefault(iv.write_hook, ([], []))[0].append(iv)
         for r in self.readers:
             name = r.hook_name if isinstance(r, HookReader) else r.site.hook_name
             by_hook.setdefault(name, ([], []))[1].append(r)

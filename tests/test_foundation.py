@@ -221,7 +221,7 @@ def test_rms_scaled_add(tiny_llama):
 def test_spec_json_roundtrip(tiny_llama, tmp_path):
     specs = [Add(resid(1), torch.randn(64), strength=3.0, rms=True, pos=Pos.last()),
              Zero(head(2, [0, 1])), Scale(neuron(1, [4, 5]), torch.tensor([2.0, 0.5]), pos=Pos.slice(1, -2)),
-             Mean(neuron(3, 2), 0.25, pos=Pos.index(0, -1), rows=[0]), Set(resid(0, "mid"), 0.0, pos=Pos.generated())]
+             Mean(neuron(3, 2), 0.25, pos=Pos.index(0, -1), rows=[0]), Set(emolens.attn_out(0), 0.0, pos=Pos.generated())]
     text = to_json(specs)
     back = from_json(json.loads(json.dumps(text)))
     assert [s.to_dict() for s in back] == [s.to_dict() for s in specs]
@@ -229,6 +229,21 @@ def test_spec_json_roundtrip(tiny_llama, tmp_path):
     assert torch.equal(tiny_llama.forward(b, interventions=specs), tiny_llama.forward(b, interventions=back))
     emolens.interventions.save_interventions(tmp_path / "s.json", specs)
     assert len(emolens.interventions.load_interventions(tmp_path / "s.json")) == 5
+
+
+def test_resid_mid_add_reaches_the_residual_stream(tiny):
+    """hook_resid_mid aliases the MLP norm input; an Add there must still move the residual."""
+    b = tiny.encode(PROMPTS[:1])
+    v = torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(3))
+    sites = [resid(1, "mid"), resid(1, "post"), Site("mlp_out", 1)]
+    _, before = run_with_cache(tiny, b, sites)
+    _, after = run_with_cache(tiny, b, sites, interventions=[Add(resid(1, "mid"), v, pos=Pos.last())])
+    mid, post, mlp = "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"
+    assert torch.allclose(after[mid][0, -1], before[mid][0, -1] + v, atol=1e-5)
+    # resid_post = resid_mid + mlp_out: the added vector is carried by the residual stream
+    assert torch.allclose(after[post][0, -1] - after[mlp][0, -1], before[mid][0, -1] + v, atol=1e-4)
+    with pytest.raises(InterventionError, match="cannot write resid_mid"):
+        tiny.forward(b, interventions=[Zero(resid(1, "mid"))])
 
 
 def test_site_parsing():
