@@ -1,0 +1,968 @@
+"""Paper 1 end to end: locus by attribution patching, emotion vectors, steering, evaluation.
+
+"Conversations: Love Them, Hate Them, Steer Them" (Yeo, Jaidka, Chebrolu; arXiv 2505.17413 /
+2511.12832). The paper's full text was not available; the steps below follow
+``specs/paper1-conversations.md`` and every inferred choice is a :class:`Paper1Config` field.
+
+Steps (each checkpointed under ``OUT/paper1/``; a rerun with the same configuration and model
+skips finished steps):
+
+1. **locus** — diagnostic tasks become clean/corrupted pairs that differ only in a warm vs cold
+   system framing of equal token length (``"You are a warm, kind and gentle friend."`` vs
+   ``"You are a cold, rude and brutal critic."``; the first pair in ``framings`` whose two sides
+   tokenise to the same length wins, else prompts are right-aligned on t*), with the same
+   aligned/misaligned replies on both sides. Metric: ``log p(aligned) − log p(misaligned)``
+   (teacher-forced). Attribution patching over residual ``layer × position``
+   (``resid_post``, so a locus layer ``L`` is directly llama.cpp's ``direction.L``), then exact
+   patching of the top cells (:func:`emolens.patching.verify`). The *locus layer* is, by default,
+   the first layer at which the attribution reaching the last ``window_span`` prompt positions
+   (the positions that exist in every new prompt: end of the user turn and the assistant header)
+   is at least ``onset_fraction`` of its maximum over layers (``locus_rule="onset"``; ``"argmax"``
+   takes the maximum) — the layer where the warm/cold disposition arrives where a reply is
+   produced. The *window* is the top ``window_max`` positions there, stored as offsets from the
+   prompt end so it maps onto any prompt.
+2. **vectors** — mean-difference vectors (``method``; PCA optional) of the contrastive pairs of
+   each emotion in ``emotions`` at every layer (exemplars' last token, raw text), their mean as
+   the steering vector ``steer_name``, quality on the held-out pairs (AUROC, Cohen's d), a
+   GGUF control-vector export.
+3. **calibration** — on the first ``n_calibration`` openers: for every position mode in
+   ``positions`` (each with its own grid of relative strengths, ``strength_mode="norm"``:
+   multiples of the layer's median activation norm), every layer ``locus + layer_offsets``, and
+   global steering over ``global_strengths``: generate, score (NRC joy+trust, first-person rate,
+   distinct-2) and measure perplexity under the unsteered model. :func:`emolens.steering.calibrate`
+   picks, per mode, the best point whose perplexity rises by at most ``max_ppl_increase``.
+4. **evaluation** — on the held-out openers (the rest, ≥ 100 by default): unsteered, each steering
+   mode at its calibrated point, global steering, instruction priming; paired tests
+   (:func:`emolens.evaluate.results_table`) and the acceptance check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..directions import EmotionVectors, emotion_vectors, evaluate_vectors
+from ..errors import InputError
+from ..results import Result
+from ..sections import Section
+from ..steering import (Condition, SweepResult, calibrate, generate, global_interventions,
+                        priming_system, score_condition, steering_interventions, sweep)
+
+log = logging.getLogger("emolens")
+
+__all__ = ["Paper1Config", "DEFAULT_FRAMINGS", "diagnostic_pairs", "find_locus", "run", "steer_cli",
+           "add_steer_args"]
+
+#: (warm, cold) system framings for the clean/corrupted runs, tried in order until both sides
+#: tokenise to the same length.
+DEFAULT_FRAMINGS: tuple[tuple[str, str], ...] = (
+    ("You are a warm, kind and gentle friend.", "You are a cold, rude and brutal critic."),
+    ("You are a warm and caring friend.", "You are a cold and hostile critic."),
+    ("Reply warmly.", "Reply coldly."),
+)
+
+
+@dataclass
+class Paper1Config:
+    """All hyperparameters of the paper-1 pipeline (inferred choices; see the module docstring).
+
+    Strengths are relative (``strength_mode="norm"``: multiples of the steered layer's median
+    activation norm) and layers are offsets from the attribution locus, so the defaults carry
+    over between models; the operating point is always chosen by the fluency-guarded sweep.
+    """
+
+    # data
+    emotions: tuple[str, ...] = ("joy", "trust")
+    steer_name: str = "joy_trust"
+    # 1. locus
+    framings: tuple[tuple[str, str], ...] = DEFAULT_FRAMINGS
+    n_diagnostic: int | None = 26            # diagnostic tasks used, emotions interleaved (None = all 52)
+    attribution_method: str = "atp"           # "atp", "atp*" or "ig"
+    attribution_batch_size: int = 8
+    locus_rule: str = "onset"                 # "onset" or "argmax"
+    onset_fraction: float = 0.5
+    window_span: int = 8                      # candidate window: the last N prompt positions
+    window_max: int = 3
+    verify_k: int = 6                         # top cells checked by exact patching
+    verify_controls: int = 3
+    n_verify_tasks: int | None = 8            # tasks used for exact patching (None = all)
+    # 2. vectors
+    max_pairs: int | None = None              # training pairs per emotion (None = all)
+    vector_kind: str = "resid_post"
+    method: str = "mean_diff"                 # or "pca"
+    pca_center: bool = False
+    token_reduce: str = "last"
+    compare_pca: bool = True                  # also build PCA vectors (cosine figure)
+    # 3. steering + calibration
+    strength_mode: str = "norm"
+    positions: dict[str, tuple[float, ...]] = field(default_factory=lambda: {
+        "all": (0.05, 0.1, 0.15, 0.2), "locus": (0.5, 1.0, 2.0)})
+    layer_offsets: tuple[int, ...] = (-3, 0)
+    global_strengths: tuple[float, ...] = (0.1, 0.2, 0.3)
+    priming_template: str = ("You are a warm, caring friend. In every reply, express {emotions}, and speak "
+                             "personally about how you yourself feel.")
+    max_ppl_increase: float = 0.25
+    max_distinct_drop: float | None = 0.3
+    targets: tuple[str, ...] = ("joy_trust", "first_person_rate")
+    # 4. evaluation
+    n_calibration: int = 20
+    n_heldout: int | None = None              # None = every opener after the calibration ones
+    max_new_tokens: int = 32
+    batch_size: int = 32
+    alpha: float = 0.01
+    n_examples: int = 6
+    seed: int = 0
+
+    def quick(self) -> "Paper1Config":
+        """A smoke-test configuration: few tasks, pairs, openers and tokens."""
+        return dataclasses.replace(
+            self, n_diagnostic=6, verify_k=3, verify_controls=1, n_verify_tasks=3, max_pairs=24,
+            positions={"all": (0.1, 0.2), "locus": (1.0,)}, layer_offsets=(0,), global_strengths=(0.2,),
+            n_calibration=6, n_heldout=10, max_new_tokens=12, batch_size=16, n_examples=3, compare_pca=False)
+
+    def replace(self, **kw) -> "Paper1Config":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["framings"] = [list(f) for f in self.framings]
+        d["positions"] = {k: list(v) for k, v in self.positions.items()}
+        for k in ("emotions", "layer_offsets", "global_strengths", "targets"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Paper1Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise InputError(f"Unknown Paper1Config field(s) {unknown}; valid fields: {', '.join(sorted(names))}.")
+        kw = dict(d)
+        if "framings" in kw:
+            kw["framings"] = tuple(tuple(f) for f in kw["framings"])
+        if "positions" in kw:
+            kw["positions"] = {k: tuple(float(x) for x in v) for k, v in kw["positions"].items()}
+        for k in ("emotions", "layer_offsets", "global_strengths", "targets"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        cfg = cls(**kw)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        from ..steering import POSITION_MODES, STRENGTH_MODES
+
+        if not self.emotions:
+            raise InputError("Paper1Config.emotions is empty; name at least one emotion (e.g. ('joy', 'trust')).")
+        bad = [p for p in self.positions if p not in POSITION_MODES]
+        if bad or not self.positions:
+            raise InputError(f"Paper1Config.positions has unknown mode(s) {bad or '(none given)'}; use "
+                             f"{', '.join(POSITION_MODES)}.")
+        if self.strength_mode not in STRENGTH_MODES:
+            raise InputError(f"strength_mode={self.strength_mode!r}; use one of {', '.join(STRENGTH_MODES)}.")
+        if self.vector_kind not in ("resid_pre", "resid_post"):
+            raise InputError(f"vector_kind={self.vector_kind!r}; attribution and control vectors use 'resid_post' "
+                             "(default) or 'resid_pre'.")
+        if self.locus_rule not in ("onset", "argmax"):
+            raise InputError(f"locus_rule={self.locus_rule!r}; use 'onset' or 'argmax'.")
+        if self.n_calibration < 2:
+            raise InputError("n_calibration must be at least 2 (paired statistics need two prompts).")
+        if self.max_ppl_increase < 0:
+            raise InputError("max_ppl_increase must be >= 0.")
+
+
+# =========================================================================================
+# Step 1: diagnostic pairs and the locus
+# =========================================================================================
+def diagnostic_pairs(model, tasks: Any, framings: Sequence[tuple[str, str]] = DEFAULT_FRAMINGS):
+    """Clean/corrupted prompts and the metric for attribution on diagnostic tasks.
+
+    Each task (``prompt``, ``aligned``, ``misaligned``) becomes a clean prompt with a warm system
+    framing and a corrupted prompt with a cold framing; both are scored on the same pair of replies
+    with ``continuation_logprob_diff`` (``log p(aligned) − log p(misaligned)``). The first framing
+    pair whose sides tokenise to the same length for every task is used (positions then pair one to
+    one); if none does, prompts are right-aligned on t* (``align="right"``).
+
+    Returns:
+        dict with ``clean``, ``corrupted`` (prompt lists), ``metric``, ``align`` (None or "right"),
+        ``framing`` (the pair used), ``tasks`` (list of dicts).
+    """
+    from ..metrics import continuation_logprob_diff
+
+    rows = [dict(r) for r in tasks]
+    if not rows:
+        raise InputError("No diagnostic tasks; pass at least one task with prompt, aligned and misaligned.")
+    for i, r in enumerate(rows):
+        for k in ("prompt", "aligned", "misaligned"):
+            if not isinstance(r.get(k), str) or not r[k].strip():
+                raise InputError(f"Diagnostic task {r.get('id', i)} has no {k!r} text; every task needs prompt, "
+                                 "aligned and misaligned.")
+    if not framings:
+        raise InputError("No framings; pass at least one (warm, cold) system-prompt pair.")
+    metric = continuation_logprob_diff(model, [r["aligned"] for r in rows], [r["misaligned"] for r in rows])
+    chat = model.has_chat_template
+
+    def build(text):
+        if chat:
+            return [[{"role": "system", "content": text}, {"role": "user", "content": r["prompt"]}] for r in rows]
+        return [f"{text}\nUser: {r['prompt']}\nAssistant:" for r in rows]
+
+    for warm, cold in framings:
+        clean, corr = build(warm), build(cold)
+        cb, xb = metric.encode(model, clean, chat=chat), metric.encode(model, corr, chat=chat)
+        if torch.equal(cb.prompt_len.cpu(), xb.prompt_len.cpu()) and torch.equal(cb.seq_len.cpu(), xb.seq_len.cpu()):
+            return {"clean": clean, "corrupted": corr, "metric": metric, "align": None, "framing": (warm, cold),
+                    "tasks": rows, "chat": chat}
+    warm, cold = framings[0]
+    log.warning("emolens: no framing pair tokenises to equal lengths on %s; right-aligning prompts on t*.", model.name)
+    return {"clean": build(warm), "corrupted": build(cold), "metric": metric, "align": "right",
+            "framing": (warm, cold), "tasks": rows, "chat": chat}
+
+
+def find_locus(attr: Result, p_max: int, *, rule: str = "onset", onset_fraction: float = 0.5, window_span: int = 8,
+               window_max: int = 3) -> dict:
+    """The key intervention locus from a ``resid_pos`` attribution result.
+
+    Args:
+        attr: attribution over ``(layer, position)``, positions aligned on t* (index ``p_max - 1``).
+        p_max: number of prompt positions on the aligned axis (t* is the last of them).
+        rule: ``"onset"``: the first layer whose attribution mass (sum of |score|) over the last
+            ``window_span`` prompt positions reaches ``onset_fraction`` of its maximum over layers;
+            ``"argmax"``: the layer of that maximum.
+        window_max: positions in the window (the top ones by |score| at the locus layer).
+
+    Returns:
+        ``{"layer", "window"`` (offsets from the prompt end, -1 = t*), ``"window_tokens"``,
+        ``"profile"`` (per-layer mass), ``"rule"}``.
+    """
+    if attr.kind != "resid_pos":
+        raise InputError(f"find_locus needs a 'resid_pos' result, not {attr.kind!r}.")
+    s = attr.scores
+    span = max(1, min(int(window_span), p_max))
+    tail = s[:, p_max - span:p_max].abs().nan_to_num(0.0)  # [layer, span]
+    profile = tail.sum(1)
+    if float(profile.max()) <= 0:
+        raise InputError("The attribution is zero at every prompt position near t*; the clean and corrupted runs "
+                         "do not differ in the metric (check the framings / tasks).")
+    if rule == "argmax":
+        layer = int(profile.argmax())
+    elif rule == "onset":
+        layer = int((profile >= onset_fraction * profile.max()).nonzero()[0])
+    else:
+        raise InputError(f"Unknown locus rule {rule!r}; use 'onset' or 'argmax'.")
+    k = max(1, min(int(window_max), span))
+    top = torch.topk(tail[layer], k).indices.tolist()
+    offsets = sorted(int(j) - span for j in top)  # column span-1 is t* = offset -1
+    labels = attr.labels.get("position")
+    toks = [labels[p_max + o] if labels else "" for o in offsets]
+    return {"layer": layer, "window": offsets, "window_tokens": toks, "profile": profile.tolist(), "rule": rule,
+            "onset_fraction": onset_fraction if rule == "onset" else None}
+
+
+# =========================================================================================
+# Checkpoints
+# =========================================================================================
+class _Store:
+    """Raw results of one run under ``root``; a step is redone only when its marker is missing."""
+
+    def __init__(self, root: Path, fingerprint: dict, resume: bool):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "steps").mkdir(exist_ok=True)
+        fp = json.loads(json.dumps(fingerprint, default=str))
+        path = root / "run_config.json"
+        old = json.loads(path.read_text()) if path.exists() else None
+        if old is not None and (old != fp or not resume):
+            if resume:
+                log.warning("emolens: %s holds a paper-1 run with another configuration or model; recomputing.", root)
+            for p in (root / "steps").glob("*.json"):
+                p.unlink()
+        path.write_text(json.dumps(fp, indent=1))
+
+    def done(self, step: str) -> bool:
+        return (self.root / "steps" / f"{step}.json").exists()
+
+    def mark(self, step: str, seconds: float, **info) -> None:
+        (self.root / "steps" / f"{step}.json").write_text(json.dumps({"seconds": round(seconds, 2), **info},
+                                                                     default=str))
+
+    def seconds(self, step: str) -> float:
+        p = self.root / "steps" / f"{step}.json"
+        return float(json.loads(p.read_text()).get("seconds", 0.0)) if p.exists() else 0.0
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def save_json(self, name: str, obj: Any) -> None:
+        self.path(name).write_text(json.dumps(obj, indent=1, default=_json_default))
+
+    def load_json(self, name: str) -> Any:
+        return json.loads(self.path(name).read_text())
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    return str(o)
+
+
+_BASELINE_LAYER = -9999  # marks the unsteered rows of a saved sweep (global steering uses layer -1)
+
+
+def _save_sweep(store: _Store, name: str, sr: SweepResult) -> None:
+    store.path(f"{name}_table.parquet").parent.mkdir(parents=True, exist_ok=True)
+    sr.table.to_parquet(store.path(f"{name}_table.parquet"), index=False)
+    frames = []
+    for (L, s), df in sr.scores.items():
+        d = df.copy()
+        d.insert(0, "idx", range(len(d)))
+        d.insert(0, "strength", float(s))
+        d.insert(0, "layer", _BASELINE_LAYER if L is None else int(L))
+        d["text"] = sr.texts[(L, s)]
+        frames.append(d)
+    pd.concat(frames, ignore_index=True).to_parquet(store.path(f"{name}_replies.parquet"), index=False)
+    store.save_json(f"{name}_settings.json", sr.settings)
+
+
+def _load_sweep(store: _Store, name: str) -> SweepResult:
+    table = pd.read_parquet(store.path(f"{name}_table.parquet"))
+    long = pd.read_parquet(store.path(f"{name}_replies.parquet"))
+    scores, texts = {}, {}
+    for (L, s), d in long.groupby(["layer", "strength"], sort=False):
+        key = (None if int(L) == _BASELINE_LAYER else int(L), float(s))
+        d = d.sort_values("idx")
+        texts[key] = d["text"].tolist()
+        scores[key] = d.drop(columns=["layer", "strength", "idx", "text"]).reset_index(drop=True)
+    return SweepResult(table, scores, texts, store.load_json(f"{name}_settings.json"))
+
+
+# =========================================================================================
+# The run
+# =========================================================================================
+def _openers(cfg: Paper1Config) -> tuple[list[str], list[str]]:
+    from ..datasets import load_openers
+
+    texts = list(load_openers()["text"])
+    cal = texts[:cfg.n_calibration]
+    held = texts[cfg.n_calibration:]
+    if cfg.n_heldout is not None:
+        held = held[:cfg.n_heldout]
+    if len(cal) < 2 or len(held) < 2:
+        raise InputError(f"Too few openers: {len(cal)} for calibration and {len(held)} held out; lower n_calibration "
+                         "or pass a longer openers file.")
+    return cal, held
+
+
+def _candidate_layers(locus_layer: int, offsets: Sequence[int], n_layers: int) -> list[int]:
+    return sorted({min(max(locus_layer + int(o), 0), n_layers - 1) for o in offsets})
+
+
+def run(model, out_dir, *, quick: bool = False, progress: bool = True, config: Paper1Config | None = None,
+        resume: bool = True) -> list[Section]:
+    """Run paper 1 end to end on ``model``; raw results go to ``out_dir/paper1``; returns report sections.
+
+    Args:
+        model: an :class:`~emolens.model.EmoModel`.
+        out_dir: run folder.
+        quick: :meth:`Paper1Config.quick` (a smoke run; seconds on a tiny model, ~2 min on the embedded one).
+        progress: progress bars.
+        config: hyperparameters (default :class:`Paper1Config`).
+        resume: reuse finished steps of an earlier run in ``out_dir`` with the same configuration and model.
+
+    Returns:
+        report sections (locus, vectors, calibration, held-out evaluation, summary).
+    """
+    from ..datasets import load_contrastive_pairs, load_diagnostic_tasks
+
+    cfg = config if config is not None else Paper1Config()
+    if quick:
+        cfg = cfg.quick()
+    cfg.check()
+    root = Path(out_dir) / "paper1"
+    info = {k: v for k, v in model.info().items() if k != "device"}
+    store = _Store(root, {"config": cfg.to_dict(), "model": info}, resume)
+    t_run = time.time()
+    times: dict[str, float] = {}
+
+    # ---- 1. locus ------------------------------------------------------------------------------
+    tasks = list(load_diagnostic_tasks())
+    if cfg.n_diagnostic is not None:
+        # keep the emotion balance: interleave tasks of each emotion
+        by_e: dict[str, list] = {}
+        for t in tasks:
+            by_e.setdefault(t.get("emotion", ""), []).append(t)
+        inter = [t for group in zip(*by_e.values()) for t in group] if len(by_e) > 1 else tasks
+        tasks = (inter + [t for t in tasks if t not in inter])[:cfg.n_diagnostic]
+    if not store.done("locus"):
+        t0 = time.time()
+        _step_locus(model, store, cfg, tasks, progress)
+        store.mark("locus", time.time() - t0)
+    times["locus"] = store.seconds("locus")
+    attr = Result.load(store.path("attribution_resid"))
+    exact = Result.load(store.path("attribution_exact")) if store.path("attribution_exact.safetensors").exists() else None
+    locus = store.load_json("locus.json")
+    verify_info = store.load_json("verify.json")
+
+    # ---- 2. vectors ----------------------------------------------------------------------------
+    if not store.done("vectors"):
+        t0 = time.time()
+        train = load_contrastive_pairs(emotions=list(cfg.emotions), split="train")
+        held = load_contrastive_pairs(emotions=list(cfg.emotions), split="heldout")
+        if cfg.max_pairs is not None:
+            seen: dict[str, int] = {}
+            keep = []
+            for i, r in enumerate(train):
+                seen[r["emotion"]] = seen.get(r["emotion"], 0) + 1
+                if seen[r["emotion"]] <= cfg.max_pairs:
+                    keep.append(i)
+            train = train.select(keep)
+        _step_vectors(model, store, cfg, train, held, progress)
+        store.mark("vectors", time.time() - t0)
+    times["vectors"] = store.seconds("vectors")
+    vecs = EmotionVectors.load(store.path("vectors"), model=model)
+    vecs_pca = EmotionVectors.load(store.path("vectors_pca")) if store.path("vectors_pca.safetensors").exists() else None
+    quality = pd.read_parquet(store.path("vector_quality.parquet"))
+
+    # ---- 3. calibration --------------------------------------------------------------------------
+    cal_prompts, held_prompts = _openers(cfg)
+    layers = _candidate_layers(int(locus["layer"]), cfg.layer_offsets, model.n_layers)
+    gen_kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    if not store.done("calibration"):
+        t0 = time.time()
+        _step_calibration(model, store, cfg, vecs, locus, layers, cal_prompts, gen_kw, progress)
+        store.mark("calibration", time.time() - t0)
+    times["calibration"] = store.seconds("calibration")
+    sweeps = {name: _load_sweep(store, f"sweeps/{name}") for name in store.load_json("calibration.json")["sweeps"]}
+    calib = store.load_json("calibration.json")
+
+    # ---- 4. held-out evaluation --------------------------------------------------------------------
+    if not store.done("evaluation"):
+        t0 = time.time()
+        _step_evaluation(model, store, cfg, vecs, locus, calib, held_prompts, gen_kw, progress)
+        store.mark("evaluation", time.time() - t0)
+    times["evaluation"] = store.seconds("evaluation")
+    times["total (this call)"] = time.time() - t_run
+
+    return _sections(model, store, cfg, attr, exact, locus, verify_info, vecs, vecs_pca, quality, sweeps, calib,
+                     times, len(cal_prompts), len(held_prompts))
+
+
+def _step_locus(model, store: _Store, cfg: Paper1Config, tasks: list, progress: bool) -> None:
+    from ..attribution import attribute, prepare_pairs
+    from ..patching import verify
+
+    dp = diagnostic_pairs(model, tasks, cfg.framings)
+    rsite = cfg.vector_kind.replace("resid_", "")
+    attr = attribute(model, dp["clean"], dp["corrupted"], dp["metric"], nodes="resid", method=cfg.attribution_method,
+                     resid_site=rsite, align=dp["align"], chat=dp["chat"], batch_size=cfg.attribution_batch_size,
+                     progress=progress)["resid"]
+    attr.meta.update(framing_warm=dp["framing"][0], framing_cold=dp["framing"][1], n_tasks=len(tasks))
+    attr.save(store.path("attribution_resid"))
+    pairs = prepare_pairs(model, dp["clean"], dp["corrupted"], dp["metric"], align=dp["align"], chat=dp["chat"])
+    locus = find_locus(attr, pairs.p_max, rule=cfg.locus_rule, onset_fraction=cfg.onset_fraction,
+                       window_span=cfg.window_span, window_max=cfg.window_max)
+    locus.update(site=f"{cfg.vector_kind}.{locus['layer']}", p_max=pairs.p_max, framing=list(dp["framing"]),
+                 align=dp["align"], clean_metric=attr.meta.get("clean_metric"),
+                 corrupted_metric=attr.meta.get("corrupted_metric"))
+    store.save_json("locus.json", locus)
+    # exact patching of the top cells (on a subset of tasks: each cell costs a forward per task)
+    n_v = len(tasks) if cfg.n_verify_tasks is None else min(cfg.n_verify_tasks, len(tasks))
+    info: dict = {"n_tasks": n_v, "k": cfg.verify_k}
+    if cfg.verify_k > 0 and n_v > 0:
+        sub = diagnostic_pairs(model, tasks[:n_v], [dp["framing"]])
+        # verify() patches the cells of an attribution computed on the same prompts: attribute the subset too
+        # (cheap: one forward/backward), then patch its top cells exactly
+        attr_v = attr if n_v == len(tasks) else attribute(
+            model, sub["clean"], sub["corrupted"], sub["metric"], nodes="resid", method=cfg.attribution_method,
+            resid_site=rsite, align=sub["align"], chat=sub["chat"], batch_size=cfg.attribution_batch_size,
+            progress=progress)["resid"]
+        k = min(cfg.verify_k, attr_v.scores.numel())
+        v = verify(model, attr_v, sub["clean"], sub["corrupted"], sub["metric"], k=k, n_control=cfg.verify_controls,
+                   align=sub["align"], chat=sub["chat"], progress=progress)
+        v["exact"].save(store.path("attribution_exact"))
+        p_sub = prepare_pairs(model, sub["clean"], sub["corrupted"], sub["metric"], align=sub["align"],
+                              chat=sub["chat"]).p_max
+        labels = attr_v.labels.get("position", [])
+        info.update(spearman=v["spearman"], pearson=v["pearson"], topk_overlap=v["topk_overlap"],
+                    cells=[{"layer": int(c[0]), "position": int(c[1]),
+                            "token": labels[int(c[1])] if labels else "",
+                            "offset": int(c[1]) - p_sub,
+                            "attribution": float(a), "exact": float(e)}
+                           for c, a, e in zip(v["cells"], v["attribution_values"], v["exact_values"])])
+    store.save_json("verify.json", info)
+
+
+def _step_vectors(model, store: _Store, cfg: Paper1Config, train, held, progress: bool) -> None:
+    from ..directions import pair_activations
+    from ..sites import Site
+
+    layers = list(range(model.n_layers))
+    # one capture of the training pairs serves both the mean-difference and the PCA vectors
+    acts = pair_activations(model, train, [Site(cfg.vector_kind, L) for L in layers], token_reduce=cfg.token_reduce,
+                            progress=progress)
+    vecs = emotion_vectors(model, train, layers=layers, kind=cfg.vector_kind, method=cfg.method,
+                           center=cfg.pca_center, token_reduce=cfg.token_reduce, progress=progress, activations=acts)
+    vecs.combine(list(cfg.emotions), cfg.steer_name)
+    # quality on held-out pairs; the combined vector is judged on the pooled held-out pairs of its parts
+    held_rows = [dict(r) for r in held]
+    pooled = [{**r, "emotion": cfg.steer_name} for r in held_rows]
+    q = evaluate_vectors(model, vecs, held_rows + pooled, progress=progress)
+    q.to_parquet(store.path("vector_quality.parquet"), index=False)
+    vecs.save(store.path("vectors"))
+    if cfg.compare_pca:
+        other = "pca" if cfg.method == "mean_diff" else "mean_diff"
+        vp = emotion_vectors(model, train, layers=layers, kind=cfg.vector_kind, method=other, center=cfg.pca_center,
+                             token_reduce=cfg.token_reduce, progress=progress, activations=acts)
+        vp.combine(list(cfg.emotions), cfg.steer_name)
+        vp.save(store.path("vectors_pca"))
+    # GGUF control vector of the steering vector (llama.cpp: --control-vector-scaled FILE:SCALE)
+    try:
+        export = EmotionVectors({cfg.steer_name: {k: v for k, v in vecs[cfg.steer_name].items()
+                                                  if Site.parse(k) != Site("resid_pre", 0)}}, meta=dict(vecs.meta))
+        import warnings as _w
+
+        with _w.catch_warnings():
+            _w.simplefilter("ignore")
+            export.to_gguf(store.path(f"{cfg.steer_name}.gguf"), cfg.steer_name)
+    except (InputError, ImportError) as e:  # e.g. a non-residual vector kind
+        log.warning("emolens: GGUF export skipped: %s", e)
+
+
+def _step_calibration(model, store: _Store, cfg: Paper1Config, vecs: EmotionVectors, locus: dict, layers: list[int],
+                      prompts: list[str], gen_kw: dict, progress: bool) -> None:
+    store.path("sweeps").mkdir(exist_ok=True)
+    base_texts = generate(model, prompts, [], label="strength 0 (unsteered)", **gen_kw)
+    base = (base_texts, score_condition(model, prompts, base_texts))
+    out: dict = {"sweeps": [], "modes": {}, "layers": layers}
+    window = tuple(locus["window"])
+    for mode, strengths in cfg.positions.items():
+        sr = sweep(model, prompts, vecs, cfg.steer_name, strengths=strengths, layers=layers, kind=cfg.vector_kind,
+                   strength_mode=cfg.strength_mode, position=mode, window=window, targets=cfg.targets, baseline=base,
+                   progress=progress, **gen_kw)
+        c = calibrate(sr, max_ppl_increase=cfg.max_ppl_increase, max_distinct_drop=cfg.max_distinct_drop)
+        sr.table = c.table
+        name = f"steer_{mode.replace('+', '_')}"
+        _save_sweep(store, f"sweeps/{name}", sr)
+        out["sweeps"].append(name)
+        out["modes"][mode] = {**c.to_dict(), "sweep": name}
+    if cfg.global_strengths:
+        def make(s, L):
+            return global_interventions(vecs, cfg.steer_name, strength=s, kind=cfg.vector_kind,
+                                        strength_mode=cfg.strength_mode)
+
+        sr = sweep(model, prompts, vecs, cfg.steer_name, strengths=cfg.global_strengths, layers=[-1],
+                   make_interventions=make, targets=cfg.targets, baseline=base, progress=progress, **gen_kw)
+        c = calibrate(sr, max_ppl_increase=cfg.max_ppl_increase, max_distinct_drop=cfg.max_distinct_drop)
+        c.reason = c.reason.replace("layer -1, ", "all layers, ")
+        sr.table = c.table
+        _save_sweep(store, "sweeps/global", sr)
+        out["sweeps"].append("global")
+        out["global"] = {**c.to_dict(), "sweep": "global"}
+    # the main condition: the mode whose calibrated point has the best objective
+    best, best_obj = None, -math.inf
+    for mode, c in out["modes"].items():
+        sr_t = pd.read_parquet(store.path(f"sweeps/{c['sweep']}_table.parquet"))
+        row = sr_t[sr_t["chosen"]]
+        obj = float(row["objective"].iloc[0]) if len(row) else -math.inf
+        c["objective"] = obj
+        if c["ok"] and obj > best_obj:
+            best, best_obj = mode, obj
+    if best is None:  # nothing passed: report the best trade-off of the first mode honestly
+        best = next(iter(out["modes"]))
+    out["main"] = best
+    store.save_json("calibration.json", out)
+
+
+def _step_evaluation(model, store: _Store, cfg: Paper1Config, vecs: EmotionVectors, locus: dict, calib: dict,
+                     prompts: list[str], gen_kw: dict, progress: bool) -> None:
+    from ..evaluate import results_table
+    from ..progress import progress_bar
+
+    window = tuple(locus["window"])
+    conds = [Condition("unsteered")]
+    for mode, c in calib["modes"].items():
+        if c["layer"] is None or c["strength"] == 0:
+            continue
+        ivs = steering_interventions(vecs, cfg.steer_name, layers=int(c["layer"]), strength=float(c["strength"]),
+                                     kind=cfg.vector_kind, strength_mode=cfg.strength_mode, position=mode,
+                                     window=window, model=model)
+        conds.append(Condition(f"steer:{mode}", ivs, info={"layer": c["layer"], "strength": c["strength"],
+                                                           "position": mode, "main": mode == calib["main"]}))
+    g = calib.get("global")
+    if g and g["strength"]:
+        conds.append(Condition("global", global_interventions(vecs, cfg.steer_name, strength=float(g["strength"]),
+                                                               kind=cfg.vector_kind, strength_mode=cfg.strength_mode),
+                               info={"strength": g["strength"]}))
+    conds.append(Condition("priming", system=priming_system(list(cfg.emotions), cfg.priming_template)))
+    store.path("replies").mkdir(exist_ok=True)
+    frames: dict[str, pd.DataFrame] = {}
+    for c in progress_bar(conds, desc="held-out conditions", disable=not progress):
+        f = store.path(f"replies/{c.name.replace(':', '_')}.parquet")
+        if f.exists():  # resume inside the step
+            frames[c.name] = pd.read_parquet(f)
+            continue
+        label = f"condition {c.name!r}" + (f" (strength {c.info['strength']:g} {cfg.strength_mode}"
+                                           + (f" at layer {c.info['layer']}" if c.info.get("layer") is not None else "")
+                                           + ")" if c.info.get("strength") is not None else "")
+        texts = generate(model, prompts, c.interventions, label=label, system=c.system, **gen_kw)
+        df = score_condition(model, prompts, texts)
+        df["text"] = texts
+        df.to_parquet(f, index=False)
+        frames[c.name] = df
+    scores = {k: v.drop(columns=["text"]) for k, v in frames.items()}
+    metrics = [m for m in ("joy_trust", "joy", "trust", "first_person_rate", "positive", "negative", "vader_compound",
+                           "distinct_2", "n_tokens", "perplexity") if m in scores["unsteered"]]
+    table = results_table(scores, baseline="unsteered", metrics=metrics, seed=cfg.seed)
+    table.reset_index().to_parquet(store.path("results_table.parquet"), index=False)
+    # pooled perplexity ratios and the acceptance check
+    from ..steering import pooled_perplexity
+
+    base_ppl = pooled_perplexity(scores["unsteered"])
+    acc: dict = {"alpha": cfg.alpha, "max_ppl_increase": cfg.max_ppl_increase, "n_heldout": len(prompts),
+                 "baseline_ppl": base_ppl, "conditions": {}}
+    for name, df in scores.items():
+        if name == "unsteered":
+            continue
+        row = {"ppl": pooled_perplexity(df), "ppl_ratio": pooled_perplexity(df) / base_ppl,
+               **next((c.info for c in conds if c.name == name), {})}
+        passed = row["ppl_ratio"] <= 1.0 + cfg.max_ppl_increase
+        for t in cfg.targets:
+            r = table.loc[(name, t)]
+            row[t] = {"mean": float(r["mean"]), "baseline": float(r["baseline_mean"]), "diff": float(r["mean_diff"]),
+                      "t": float(r["t"]), "p": float(r["t_p"]), "wilcoxon_p": float(r["wilcoxon_p"]),
+                      "dz": float(r["cohens_dz"])}
+            passed &= bool(r["mean_diff"] > 0 and r["t_p"] < cfg.alpha)
+        row["passes"] = bool(passed)
+        acc["conditions"][name] = row
+    acc["main"] = f"steer:{calib['main']}"
+    acc["passes"] = bool(acc["conditions"].get(acc["main"], {}).get("passes", False))
+    acc["any_steering_passes"] = any(v["passes"] for k, v in acc["conditions"].items() if k.startswith("steer:"))
+    store.save_json("acceptance.json", acc)
+
+
+# =========================================================================================
+# Report sections
+# =========================================================================================
+def _fig(fn, *args, **kw):
+    try:
+        from .. import viz
+
+        return getattr(viz, fn)(*args, **kw)
+    except Exception as e:  # a figure must never sink the run; the raw results are saved anyway
+        log.warning("emolens: figure %s failed: %s", fn, e)
+        return None
+
+
+def _add_fig(sec: Section, caption: str, fig) -> None:
+    if fig is not None:
+        sec.add_figure(caption, fig)
+
+
+def _sections(model, store, cfg, attr, exact, locus, verify_info, vecs, vecs_pca, quality, sweeps, calib, times,
+              n_cal, n_held) -> list[Section]:
+    acc = store.load_json("acceptance.json")
+    table = pd.read_parquet(store.path("results_table.parquet"))
+    secs: list[Section] = []
+
+    # summary ----------------------------------------------------------------------------------
+    s0 = Section("Paper 1: emotion vectors and steering (summary)")
+    main = acc["main"]
+    mrow = acc["conditions"].get(main, {})
+    s0.add_text(
+        "Reimplementation of 'Conversations: Love Them, Hate Them, Steer Them' (arXiv 2505.17413): find the "
+        "intervention locus by attribution patching, build a joy/trust vector from contrastive pairs, steer "
+        "generation there, and compare with the unsteered model, global steering and instruction priming. The "
+        "paper's full text was not available; inferred steps are configuration (Paper1Config).",
+        f"Model {model.name}; locus {locus['site']} (rule {locus['rule']}), window offsets {locus['window']} "
+        f"(tokens {locus['window_tokens']}). Steering vector '{cfg.steer_name}' = mean of "
+        f"{', '.join(cfg.emotions)} mean-difference vectors.",
+    )
+    if mrow:
+        jt, fp = mrow.get("joy_trust", {}), mrow.get("first_person_rate", {})
+        verdict = "PASSES" if acc["passes"] else "does NOT pass"
+        nan = float("nan")
+        s0.add_text(
+            f"Acceptance on {acc['n_heldout']} held-out openers ({main}: layer {mrow.get('layer')}, strength "
+            f"{mrow.get('strength')} × median activation norm): NRC joy+trust rate {jt.get('baseline', nan):.4f} → "
+            f"{jt.get('mean', nan):.4f} (paired t p = {jt.get('p', nan):.2g}, d_z = {jt.get('dz', nan):.2f}); "
+            f"first-person singular rate {fp.get('baseline', nan):.4f} → {fp.get('mean', nan):.4f} "
+            f"(p = {fp.get('p', nan):.2g}, d_z = {fp.get('dz', nan):.2f}); pooled perplexity under the "
+            f"unsteered model ×{mrow.get('ppl_ratio', nan):.3f} (bound ×{1 + cfg.max_ppl_increase:.2f}). "
+            f"The criterion (both p < {cfg.alpha}, perplexity rise ≤ {cfg.max_ppl_increase:.0%}) {verdict}.")
+    else:
+        s0.add_text("No steering condition passed calibration; see the calibration section for the trade-off curves.")
+    rows = []
+    for name, r in acc["conditions"].items():
+        rows.append({"condition": name, "layer": r.get("layer"), "strength": r.get("strength"),
+                     "joy_trust": r.get("joy_trust", {}).get("mean"), "joy_trust_p": r.get("joy_trust", {}).get("p"),
+                     "first_person": r.get("first_person_rate", {}).get("mean"),
+                     "first_person_p": r.get("first_person_rate", {}).get("p"), "ppl_ratio": r["ppl_ratio"],
+                     "passes": r["passes"]})
+    s0.add_table("Acceptance per condition (held-out openers; p = paired t-test vs unsteered)", pd.DataFrame(rows))
+    s0.add_table("Step times (seconds; resumed steps show the time of the run that computed them)",
+                 pd.DataFrame([{"step": k, "seconds": round(v, 1)} for k, v in times.items()]))
+    secs.append(s0)
+
+    # 1. locus -----------------------------------------------------------------------------------
+    s1 = Section("1. Locus: attribution patching over layer × position")
+    s1.add_text(
+        f"Clean runs: system '{locus['framing'][0]}'; corrupted: '{locus['framing'][1]}' (same token length"
+        f"{'' if locus['align'] is None else '; not available, right-aligned on t*'}), {attr.meta.get('n_tasks')} "
+        f"diagnostic tasks, metric log p(aligned reply) − log p(misaligned reply) (nats): clean "
+        f"{locus['clean_metric']:.2f}, corrupted {locus['corrupted_metric']:.2f}. Scores: attribution patching "
+        f"({attr.meta.get('method')}) of {cfg.vector_kind} at every layer and position (positions aligned on the last "
+        "prompt token; reply tokens follow it), denoising convention: positive = patching the warm run's activation "
+        "into the cold run raises the metric.",
+        f"Locus layer {locus['layer']}: the "
+        + (f"first layer at which the attribution over the last {cfg.window_span} prompt positions reaches "
+           f"{cfg.onset_fraction:.0%} of its maximum" if locus["rule"] == "onset" else
+           f"layer with the most attribution over the last {cfg.window_span} prompt positions")
+        + f" (rule '{locus['rule']}'); window = top {cfg.window_max} positions there: offsets {locus['window']} = "
+        f"{locus['window_tokens']}.")
+    _add_fig(s1, "Attribution patching: residual stream, layer × position (nats)",
+             _fig("resid_heatmap", attr, title=f"Attribution patching ({attr.meta.get('method')}), "
+                                               f"{cfg.vector_kind} × position"))
+    prof = Result("layers", torch.tensor(locus["profile"]), ("layer",), {"layer": list(range(len(locus["profile"])))},
+                  meta={"metric": f"sum |AtP| over the last {cfg.window_span} prompt positions", "name": "window mass"})
+    _add_fig(s1, "Attribution mass near the reply, per layer (the locus rule's input)",
+             _fig("layer_lines", prof, title=f"Attribution mass over the last {cfg.window_span} prompt positions"))
+    if verify_info.get("cells"):
+        s1.add_text(f"Exact activation patching of the top {verify_info['k']} cells (+ {cfg.verify_controls} random "
+                    f"controls) on {verify_info['n_tasks']} tasks: Spearman {verify_info['spearman']:.2f}, Pearson "
+                    f"{verify_info['pearson']:.2f}, top-k overlap {verify_info['topk_overlap']:.2f}.")
+        s1.add_table("Top cells: attribution estimate vs exact patching (nats)", pd.DataFrame(verify_info["cells"]))
+    s1.results["attribution_resid"] = attr
+    if exact is not None:
+        s1.results["attribution_exact"] = exact
+    secs.append(s1)
+
+    # 2. vectors ---------------------------------------------------------------------------------
+    s2 = Section("2. Emotion vectors")
+    s2.add_text(f"Mean-difference vectors of {', '.join(cfg.emotions)} (contrastive pairs, train split; exemplar's "
+                f"last token, raw text) at {cfg.vector_kind} of every layer; '{cfg.steer_name}' is their mean. Quality "
+                "on the held-out pairs: AUROC of the projection and Cohen's d. The steering vector is exported as a "
+                f"llama.cpp control vector ({cfg.steer_name}.gguf: direction.L = {cfg.vector_kind}.L).")
+    norms = vecs.norms(cfg.vector_kind)
+    _add_fig(s2, "Vector L2 norm per layer", _fig("layer_lines", norms, title="Emotion vector norm per layer"))
+    cos_series, cos_labels = [], []
+    if len(cfg.emotions) >= 2:
+        c = vecs.cosine_by_layer(cfg.emotions[0], cfg.emotions[1], cfg.vector_kind)
+        cos_series.append(c.scores)
+        cos_labels.append(f"cos({cfg.emotions[0]}, {cfg.emotions[1]})")
+    if vecs_pca is not None:
+        layers = vecs.layers(cfg.steer_name, cfg.vector_kind)
+        cos_series.append(torch.tensor([float(torch.nn.functional.cosine_similarity(
+            vecs.get(cfg.steer_name, f"{cfg.vector_kind}.{L}"), vecs_pca.get(cfg.steer_name, f"{cfg.vector_kind}.{L}"),
+            dim=0)) for L in layers]))
+        cos_labels.append("cos(mean-diff, PCA)")
+    if cos_series:
+        cres = Result("layers", torch.stack(cos_series), ("series", "layer"),
+                      {"series": cos_labels, "layer": vecs.layers(kind=cfg.vector_kind)}, meta={"metric": "cosine"})
+        _add_fig(s2, "Cosine similarity per layer", _fig("layer_lines", cres, title="Cosine similarity per layer"))
+        s2.results["vector_cosines"] = cres
+    if len(quality):
+        piv = quality.pivot(index="emotion", columns="layer", values="auroc")
+        qres = Result("layers", torch.tensor(piv.to_numpy(), dtype=torch.float32), ("emotion", "layer"),
+                      {"emotion": list(piv.index), "layer": [int(x) for x in piv.columns]},
+                      meta={"metric": "held-out AUROC", "name": "auroc"})
+        _add_fig(s2, "Held-out separation (AUROC of the projection) per layer",
+                 _fig("layer_lines", qres, title="Held-out AUROC per layer"))
+        L = int(locus["layer"])
+        s2.add_table(f"Held-out quality near the locus (layers {max(0, L - 3)}–{L + 3})",
+                     quality[(quality.layer >= L - 3) & (quality.layer <= L + 3)].reset_index(drop=True))
+        s2.results["vector_auroc"] = qres
+    s2.results["vector_norms"] = norms
+    secs.append(s2)
+
+    # 3. calibration ----------------------------------------------------------------------------------
+    s3 = Section("3. Calibration: strength × layer sweep with a fluency guard")
+    s3.add_text(f"{n_cal} calibration openers, greedy decoding, {cfg.max_new_tokens} new tokens. Strengths are "
+                f"'{cfg.strength_mode}'-relative (multiples of the layer's median activation norm); layers = locus "
+                f"{locus['layer']} + offsets {list(cfg.layer_offsets)}. A point is admissible when the pooled "
+                f"perplexity of its replies under the unsteered model is ≤ ×{1 + cfg.max_ppl_increase:.2f} the "
+                "unsteered replies' (and distinct-2 does not drop by more than "
+                f"{cfg.max_distinct_drop if cfg.max_distinct_drop is not None else 'any'} — perplexity rewards "
+                "repetition); among those, the best min(d_z) over the targets wins.")
+    for mode, c in calib["modes"].items():
+        s3.add_text(f"Position mode '{mode}': {c['reason']}")
+    if calib.get("global"):
+        s3.add_text(f"Global steering (every layer, every position, strength split over layers): {calib['global']['reason']}")
+    for name, sr in sweeps.items():
+        mode = sr.settings.get("position", name)
+        cinfo = calib["modes"].get(mode) if name != "global" else calib.get("global")
+        L = cinfo["layer"] if cinfo and cinfo.get("layer") is not None else next(
+            (k[0] for k in sr.scores if k[0] is not None), None)
+        if L is None:
+            continue
+        rates = {m: sr.curve(m, L) for m in ("joy", "trust", "joy_trust", "first_person_rate") if m in sr.scores[(None, 0.0)]}
+        title = "global steering" if name == "global" else f"mode '{mode}', layer {L}"
+        _add_fig(s3, f"Strength curves ({title}): NRC rates and first-person rate (95% bootstrap CI)",
+                 _fig("curves", rates, title=f"Rates vs strength ({title})", x_title=f"strength ({cfg.strength_mode})",
+                      y_title="rate per word"))
+        _add_fig(s3, f"Perplexity ratio under the unsteered model ({title})",
+                 _fig("curves", {"perplexity ratio": sr.curve("ppl", L, ratio=True)},
+                      title=f"Perplexity ratio vs strength ({title})", x_title=f"strength ({cfg.strength_mode})",
+                      y_title="× unsteered"))
+        cols = [c for c in ("layer", "strength", "joy_trust", "first_person_rate", "joy_trust_dz",
+                            "first_person_rate_dz", "ppl", "ppl_ratio", "distinct_2_ratio", "objective",
+                            "admissible", "chosen") if c in sr.table.columns]
+        s3.add_table(f"Sweep table ({name})", sr.table[cols])
+    secs.append(s3)
+
+    # 4. evaluation ------------------------------------------------------------------------------------
+    s4 = Section("4. Held-out evaluation")
+    s4.add_text(f"{n_held} held-out openers (not used for calibration), greedy, {cfg.max_new_tokens} new tokens. "
+                "Conditions: unsteered; each position mode at its calibrated point; global steering; instruction "
+                "priming (system prompt asking for the emotions). Paired t-tests and Wilcoxon vs unsteered, Holm "
+                "adjusted within a condition; 95% bootstrap CIs of the mean difference. NRC rates are words per word "
+                "token (Mohammad & Turney 2013, research use).")
+    try:
+        s4.add_figure("Change vs unsteered per condition (mean paired difference, 95% bootstrap CI)",
+                      _effects_figure(table, [m for m in ("joy_trust", "joy", "trust", "first_person_rate")
+                                              if m in set(table["metric"])]))
+    except Exception as e:  # a figure must never sink the run
+        log.warning("emolens: effects figure failed: %s", e)
+    s4.add_table("Results table (condition × metric)", table)
+    try:
+        texts = {p.stem: pd.read_parquet(p)["text"].tolist() for p in sorted(store.path("replies").glob("*.parquet"))}
+        n = min(cfg.n_examples, len(texts.get("unsteered", [])))
+        _, held_prompts = _openers(cfg)
+        ex = pd.DataFrame({"opener": held_prompts[:n], **{k: v[:n] for k, v in texts.items()}})
+        s4.add_table("Example replies", ex)
+    except Exception as e:  # examples are a convenience
+        log.warning("emolens: example table failed: %s", e)
+    secs.append(s4)
+    return secs
+
+
+def _effects_figure(table: pd.DataFrame, metrics: Sequence[str]):
+    """Grouped bars: mean paired difference vs unsteered per condition and metric, with CI whiskers."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for m in metrics:
+        t = table[(table["metric"] == m) & (table["condition"] != "unsteered")]
+        fig.add_bar(name=m, x=list(t["condition"]), y=list(t["mean_diff"]),
+                    error_y=dict(type="data", symmetric=False, array=list(t["ci_high"] - t["mean_diff"]),
+                                 arrayminus=list(t["mean_diff"] - t["ci_low"])))
+    fig.update_layout(barmode="group", height=420, yaxis_title="Δ rate per word vs unsteered",
+                      xaxis_title="condition", title="Held-out openers: change vs the unsteered model")
+    return fig
+
+
+# =========================================================================================
+# CLI: emolens steer
+# =========================================================================================
+def add_steer_args(p) -> None:
+    """Options of ``emolens steer``."""
+    p.add_argument("--model", default=None, help="model name (default: smollm2-135m-instruct)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--prompt", default="Hey, how's your week been so far?", help="the user message")
+    p.add_argument("--emotion", default="joy,trust",
+                   help="emotion(s) whose mean vector steers, comma-separated (Plutchik names)")
+    p.add_argument("--vectors", default=None, help="saved EmotionVectors (.safetensors) or a control-vector .gguf")
+    p.add_argument("--run", default=None, help="a run folder with a paper-1 result: use its vectors and "
+                   "calibrated layer/strength/position")
+    p.add_argument("--layer", type=int, default=None, help="layer to steer (default: the run's calibrated layer, else "
+                   "40%% of the depth)")
+    p.add_argument("--strength", type=float, default=None, help="strength (default: the run's calibrated one, else 0.1 "
+                   "with --mode norm)")
+    p.add_argument("--mode", default=None, choices=("absolute", "rms", "norm"),
+                   help="strength mode (default: the run's, else norm)")
+    p.add_argument("--position", default=None, choices=("locus", "generated", "all", "locus+generated"),
+                   help="position mode (default: the run's calibrated mode, else all)")
+    p.add_argument("--window", default="-3,-2,-1", help="locus window: offsets from the prompt end")
+    p.add_argument("--max-new-tokens", type=int, default=60)
+    p.add_argument("--save-gguf", default=None, help="also write the steering vector as a llama.cpp control vector")
+
+
+def steer_cli(args) -> int:
+    """``emolens steer``: print the unsteered and the steered reply to one prompt."""
+    import argparse
+
+    import emolens
+    from ..datasets import load_contrastive_pairs
+
+    if hasattr(args, "rest"):  # delegated from emolens.cli with the options unparsed
+        p = argparse.ArgumentParser(prog="emolens steer", description="Steer one chat reply with an emotion vector.")
+        add_steer_args(p)
+        rest = list(args.rest or [])
+        if rest and rest[0] == "--":  # `emolens steer --model M -- --prompt ...`
+            rest = rest[1:]
+        if getattr(args, "model", None):
+            rest = ["--model", args.model] + rest
+        if getattr(args, "device", None):
+            rest = ["--device", args.device] + rest
+        args = p.parse_args(rest)
+    m = emolens.load_model(args.model, device=args.device)
+    emotions = [e.strip() for e in args.emotion.split(",") if e.strip()]
+    if not emotions:
+        raise InputError("--emotion is empty; name at least one emotion, e.g. --emotion joy,trust.")
+    name = "+".join(emotions)
+    layer, strength, position, mode = args.layer, args.strength, args.position, args.mode
+    window = tuple(int(x) for x in args.window.split(",") if x.strip())
+    vecs = None
+    if args.run:
+        root = Path(args.run) / "paper1"
+        if not (root / "calibration.json").exists():
+            raise InputError(f"{args.run} holds no paper-1 calibration (expected {root / 'calibration.json'}); run "
+                             "`emolens run --only paper1` first or drop --run.")
+        calib = json.loads((root / "calibration.json").read_text())
+        cfg = Paper1Config.from_dict(json.loads((root / "run_config.json").read_text())["config"])
+        c = calib["modes"][calib["main"]]
+        vecs = EmotionVectors.load(root / "vectors", model=m)
+        name = cfg.steer_name
+        layer = c["layer"] if layer is None else layer
+        strength = c["strength"] if strength is None else strength
+        position = position or calib["main"]
+        mode = mode or cfg.strength_mode
+        window = tuple(json.loads((root / "locus.json").read_text())["window"])
+    position = position or "all"
+    mode = mode or "norm"
+    if layer is None:
+        layer = round(0.4 * (m.n_layers - 1))
+    if strength is None:
+        strength = 0.1 if mode == "norm" else 0.5 if mode == "rms" else 2.0
+    if vecs is None and args.vectors:
+        pth = Path(args.vectors)
+        vecs = (EmotionVectors.from_gguf(pth, emotion=name, model=m) if pth.suffix == ".gguf"
+                else EmotionVectors.load(pth, model=m))
+        if name not in vecs:
+            if len(vecs.emotions) == 1:
+                name = vecs.emotions[0]
+            else:
+                vecs.combine(emotions, name)
+    if vecs is None:
+        pairs = load_contrastive_pairs(emotions=emotions, split="train")
+        vecs = emotion_vectors(m, pairs, layers=[layer], progress=False)
+        if len(emotions) > 1:
+            vecs.combine(emotions, name)
+        else:
+            name = emotions[0]
+    if mode == "norm" and not vecs.stats:
+        raise InputError("These vectors carry no activation statistics (a GGUF file); use --mode absolute or rms.")
+    ivs = steering_interventions(vecs, name, layers=layer, strength=strength, strength_mode=mode, position=position,
+                                 window=window, model=m)
+    base = generate(m, [args.prompt], [], max_new_tokens=args.max_new_tokens)[0]
+    steered = generate(m, [args.prompt], ivs, label=f"strength {strength:g} ({mode}) at layer {layer}",
+                       max_new_tokens=args.max_new_tokens)[0]
+    print(f"model: {m.name}\nprompt: {args.prompt}\n\n[unsteered]\n{base}\n\n"
+          f"[steered: +{strength:g} ({mode}) x '{name}' at resid_post.{layer}, positions: {position}]\n{steered}")
+    if args.save_gguf:
+        single = EmotionVectors({name: vecs[name]}, meta=dict(vecs.meta))
+        print(f"control vector: {single.to_gguf(args.save_gguf, name)}")
+    return 0
