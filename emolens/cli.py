@@ -297,7 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name, (help_, add_args, _) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_, description=help_))
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if not hasattr(args, "rest"):  # only delegating commands take options they do not declare
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.rest = list(args.rest or []) + unknown
     try:
         return COMMANDS[args.cmd][2](args) or 0
     except EmolensError as e:

@@ -10,7 +10,9 @@ import torch
 os.environ.setdefault("EMOLENS_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread by default: on a shared 2-core machine OpenMP threads competing with other processes made
+# forwards 5-20x slower; EMOLENS_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("EMOLENS_TEST_THREADS", "1")))
 
 TINY = ("tiny-llama", "tiny-qwen2", "tiny-gemma3")
 _CACHE: dict = {}

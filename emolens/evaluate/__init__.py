@@ -33,10 +33,12 @@ from .lexicon import (
     tokenize,
     vader_compound,
 )
+from .fluency import corpus_perplexity, perplexity, reply_nll
 from .server import model_generate_fn, serve
 from .stats import PairedTest, bootstrap_ci, holm, paired_test, results_table
 
 __all__ = [
+    "perplexity", "reply_nll", "corpus_perplexity",
     "EMOTIONS",
     "NRC_CATEGORIES",
     "Judge",
