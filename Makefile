@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.emolens-setup
 ARGS ?=
+# The main job's options: quick by default (~10 min on 2 CPU cores); `make run RUN_ARGS=` runs the full pipelines.
+RUN_ARGS ?= --quick
 
 .PHONY: run test test-fast setup docs bench clean-venv
 
@@ -22,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/emolens run $(ARGS)
+	$(VENV)/bin/emolens run $(RUN_ARGS) $(ARGS)
 
 test: $(STAMP)
 	$(PY) tools/ensure_chromium.py
