@@ -13,6 +13,9 @@ import torch
 
 os.environ.setdefault("EMOLENS_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One thread by default: on a shared CPU, OpenMP threads fighting other processes made forwards
+# 5-20x slower and ratios erratic. Both sides of every ratio run under the same setting.
+torch.set_num_threads(int(os.environ.get("EMOLENS_BENCH_THREADS", "1")))
 
 
 def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:

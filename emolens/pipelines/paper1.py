@@ -51,6 +51,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ._store import StepStore
 from ..directions import EmotionVectors, emotion_vectors, evaluate_vectors
 from ..errors import InputError
 from ..results import Result
@@ -272,42 +273,14 @@ def find_locus(attr: Result, p_max: int, *, rule: str = "onset", onset_fraction:
 # =========================================================================================
 # Checkpoints
 # =========================================================================================
-class _Store:
-    """Raw results of one run under ``root``; a step is redone only when its marker is missing."""
+class _Store(StepStore):
+    """Raw results of one paper-1 run under ``root`` (see :class:`~emolens.pipelines._store.StepStore`)."""
 
     def __init__(self, root: Path, fingerprint: dict, resume: bool):
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "steps").mkdir(exist_ok=True)
-        fp = json.loads(json.dumps(fingerprint, default=str))
-        path = root / "run_config.json"
-        old = json.loads(path.read_text()) if path.exists() else None
-        if old is not None and (old != fp or not resume):
-            if resume:
-                log.warning("emolens: %s holds a paper-1 run with another configuration or model; recomputing.", root)
-            for p in (root / "steps").glob("*.json"):
-                p.unlink()
-        path.write_text(json.dumps(fp, indent=1))
-
-    def done(self, step: str) -> bool:
-        return (self.root / "steps" / f"{step}.json").exists()
-
-    def mark(self, step: str, seconds: float, **info) -> None:
-        (self.root / "steps" / f"{step}.json").write_text(json.dumps({"seconds": round(seconds, 2), **info},
-                                                                     default=str))
-
-    def seconds(self, step: str) -> float:
-        p = self.root / "steps" / f"{step}.json"
-        return float(json.loads(p.read_text()).get("seconds", 0.0)) if p.exists() else 0.0
-
-    def path(self, name: str) -> Path:
-        return self.root / name
+        super().__init__(root, fingerprint, resume, label="paper-1")
 
     def save_json(self, name: str, obj: Any) -> None:
-        self.path(name).write_text(json.dumps(obj, indent=1, default=_json_default))
-
-    def load_json(self, name: str) -> Any:
-        return json.loads(self.path(name).read_text())
+        super().save_json(name, obj, default=_json_default)
 
 
 def _json_default(o):

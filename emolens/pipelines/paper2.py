@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ._store import StepStore
 from ..errors import InputError, JudgeError
 from ..results import Result, stack_results
 from ..sections import Section
@@ -591,46 +592,11 @@ def accuracy_tables(evals: dict[str, GenEval]) -> tuple[pd.DataFrame, pd.DataFra
 # =========================================================================================
 # Checkpoints
 # =========================================================================================
-class _Store:
-    """Finished steps of a run under ``root``; a step is redone only when its marker is missing."""
+class _Store(StepStore):
+    """Finished steps of one paper-2 run under ``root`` (see :class:`~emolens.pipelines._store.StepStore`)."""
 
     def __init__(self, root: Path, fingerprint: dict, resume: bool):
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        fp_path = root / "run_config.json"
-        old = json.loads(fp_path.read_text()) if fp_path.exists() else None
-        if old is not None and (old != json.loads(json.dumps(fingerprint, default=str)) or not resume):
-            if resume:
-                log.warning("emolens: %s holds a paper-2 run with another configuration or model; recomputing.", root)
-            for p in list((root / "steps").glob("*.json")) + list(root.glob("*_texts.parquet")):
-                p.unlink()
-        fp_path.write_text(json.dumps(fingerprint, indent=1, default=str))
-        (root / "steps").mkdir(exist_ok=True)
-        self.times: dict[str, float] = {}
-
-    def done(self, step: str) -> bool:
-        return (self.root / "steps" / f"{step}.json").exists()
-
-    def mark(self, step: str, seconds: float, **info) -> None:
-        self.times[step] = seconds
-        (self.root / "steps" / f"{step}.json").write_text(json.dumps({"seconds": round(seconds, 2), **info},
-                                                                     default=str))
-
-    def seconds(self, step: str) -> float:
-        p = self.root / "steps" / f"{step}.json"
-        return float(json.loads(p.read_text()).get("seconds", 0.0)) if p.exists() else 0.0
-
-    def path(self, name: str) -> Path:
-        return self.root / name
-
-    def save_df(self, name: str, df: pd.DataFrame) -> None:
-        df.to_parquet(self.path(f"{name}.parquet"), index=False)
-
-    def load_df(self, name: str) -> pd.DataFrame:
-        return pd.read_parquet(self.path(f"{name}.parquet"))
-
-    def has_df(self, name: str) -> bool:
-        return self.path(f"{name}.parquet").exists()
+        super().__init__(root, fingerprint, resume, label="paper-2", stale=("*_texts.parquet",))
 
 
 def _gen_step(store: _Store, name: str, method: str, fn_generate: Callable[[], GenEval],
