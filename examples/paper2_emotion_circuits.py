@@ -49,10 +49,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     paper2.add_circuit_args(p)
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: float32 on CPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default 1 on CPU: on a shared 2-core machine, OpenMP threads competing "
+                        "with other processes made passes up to 20x slower; pass 2 on an idle machine)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+    if args.threads or on_cpu:
+        torch.set_num_threads(args.threads or 1)
     m = emolens.load_model(args.model, device=args.device, dtype=args.dtype)
     cfg = paper2.Paper2Config.paper() if args.paper else paper2.Paper2Config.for_model(m)
     if args.config:
