@@ -30,14 +30,6 @@ RECORDS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops are far faster single-threaded on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _setup(model, n_records=2):
     items = sev_items(RECORDS[:n_records])

@@ -22,14 +22,6 @@ PAIRS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread in this module: on a shared CPU two spinning threads make tiny models ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _planted(n=64, d=48, seed=0, scale_spread=True):
     g = torch.Generator().manual_seed(seed)

@@ -19,14 +19,6 @@ from conftest import get_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread in this module: on a shared CPU two spinning threads make tiny models ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _load_example():
     spec = importlib.util.spec_from_file_location("paper1_example", ROOT / "examples" / "paper1_conversations.py")

@@ -18,13 +18,6 @@ from emolens.sections import Section
 from conftest import get_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_cfg(**kw) -> Paper2Config:
     return Paper2Config.for_model("tiny-llama").replace(emotions=("anger", "happiness", "fear"), **kw)

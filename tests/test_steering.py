@@ -22,14 +22,6 @@ from emolens.steering import (SweepResult, calibrate, generate, global_intervent
 PROMPTS = ["Hi there, how are you?", "Tell me about your weekend plans please."]  # different lengths
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread in this module: on a shared CPU two spinning threads make tiny models ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _vectors(m, layers=(1, 2), seed=0, emotions=("joy", "trust")):
     g = torch.Generator().manual_seed(seed)
