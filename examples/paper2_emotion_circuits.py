@@ -14,8 +14,10 @@ plus the raw results under ``paper2/``):
 Usage::
 
     python examples/paper2_emotion_circuits.py              # embedded SmolLM2-135M, calibrated values
-    python examples/paper2_emotion_circuits.py --quick      # a few minutes on a 2-core CPU
+                                                            #   (~12-28 min on a shared 2-core CPU)
+    python examples/paper2_emotion_circuits.py --quick      # ~2 min
     python examples/paper2_emotion_circuits.py --calibrate  # also sweep steering alpha / circuit scale
+                                                            #   on the analysis split (+10-22 min)
 
 On a GPU (the paper's models; the paper's values with ``--paper``)::
 

@@ -565,7 +565,8 @@ def step_calibrate(model, items, cfg: Paper2Config, judge, *, directions: Result
             ppl = corpus_perplexity(model, ps.prompts, texts)
             d2 = float(distinct_n(texts, 2)) if any(t.strip() for t in texts) else 0.0
             # no bigrams at all (NaN) counts as no diversity; a non-finite perplexity fails the guard
-            ok = bool(ppl <= cfg.calib_max_ppl_ratio * base_ppl) and (d2 if d2 == d2 else 0.0) >= cfg.calib_min_distinct2
+            d2_ok = (d2 if d2 == d2 else 0.0) >= cfg.calib_min_distinct2
+            ok = bool(ppl <= cfg.calib_max_ppl_ratio * base_ppl) and d2_ok
             rows.append({"method": method, "value": float(v), "accuracy": ev.accuracy, "ppl": ppl, "distinct2": d2,
                          "fluent": ok})
             if ok and (best is None or ev.accuracy > best[1]):
