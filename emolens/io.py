@@ -1,0 +1,76 @@
+"""Atomic file writes: a reader never sees a half-written file, a crash never leaves one behind.
+
+Every writer goes through :func:`atomic_path`: it yields a temporary path in the target's folder,
+the caller writes there, and on success the file is fsynced and renamed over the target (and the
+folder fsynced so the rename survives a power loss). On error the temporary file is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = ["atomic_path", "write_bytes", "write_text", "write_json", "write_parquet", "write_safetensors"]
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # some file systems refuse fsync on a directory
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; rename it over ``target`` when the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_bytes(target: str | Path, data: bytes) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    return Path(target)
+
+
+def write_text(target: str | Path, text: str) -> Path:
+    return write_bytes(target, text.encode("utf-8"))
+
+
+def write_json(target: str | Path, obj: Any, *, indent: int | None = 1, default=str) -> Path:
+    return write_text(target, json.dumps(obj, indent=indent, default=default))
+
+
+def write_parquet(target: str | Path, df) -> Path:
+    """Write a pandas DataFrame as parquet (no index)."""
+    with atomic_path(target) as tmp:
+        df.to_parquet(tmp, index=False)
+    return Path(target)
+
+
+def write_safetensors(target: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``{name: tensor}`` with string metadata as safetensors (contiguous CPU copies)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(target)
