@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             top.print_usage(sys.stderr)
             top.exit(2, "emolens: error: name a command, e.g. `emolens run --quick`; see `emolens --help`\n")
         top.print_help()
-        return 0
+        top.exit(0)  # like every subcommand's --help
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         top.error(f"unknown command {name!r}; choose one of: {', '.join(COMMANDS)}")
