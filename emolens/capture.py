@@ -184,7 +184,7 @@ def capture(model, prompts: "Sequence[Any] | Any", sites: "Site | str | Sequence
         tot = tot.float().cpu().reshape((n_groups,) + a.dims)
         data[key] = tot if reduce == "group_mean" else tot[0]
     return CaptureResult(data, reduce, pos, len(prompts), counts.float(), labels,
-                         {"model": model.name, "sites": list(data)})
+                         {**model.meta(), "sites": list(data)})
 
 
 def run_with_cache(model, prompts, sites: "Site | str | Sequence[Site | str]", *,

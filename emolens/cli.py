@@ -47,6 +47,17 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the error names the option and the fix)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; pass a whole number >= 1, e.g. 10") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} is not a positive count; pass a whole number >= 1, e.g. 10")
+    return v
+
+
 def _info_args(p):
     _model_arg(p)
 
@@ -257,7 +268,7 @@ def _attribute_args(p):
     p.add_argument("--out", default="runs", help="folder that holds run folders (default: ./runs)")
     p.add_argument("--name", default=None, help="run folder name (default: a timestamp)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same --name")
-    p.add_argument("--top", type=int, default=10, help="rows in the top-component tables")
+    p.add_argument("--top", type=_positive_int, default=10, help="rows in the top-component tables (>= 1)")
     p.add_argument("--method", default="atp", choices=("atp", "atp*", "ig"),
                    help="attribution patching, AtP* (QK fix + GradDrop) or integrated gradients (default: atp)")
     p.add_argument("--nodes", default="resid,heads,neurons,sublayers",

@@ -345,6 +345,7 @@ def collect_sev_stats(model, prompts: PromptSet, *, accepted: Mapping[tuple, boo
             n_all.index_add_(0, e_idx, torch.ones(len(idx), dtype=torch.float64))
             pca_emotions += [prompts.emotions[i] for i in idx]
     info = {k: getattr(model, k) for k in ("name", "n_layers", "d_model", "d_mlp", "n_heads", "d_head")}
+    info["fingerprint"] = model.fingerprint
     out = {k: torch.stack(v).transpose(0, 1).contiguous().cpu() for k, v in sums.items()}
     n_c = n_complete.clamp(min=1)
     out["rms"] = (rms / n_c.sum()).cpu()
@@ -355,7 +356,8 @@ def collect_sev_stats(model, prompts: PromptSet, *, accepted: Mapping[tuple, boo
 
 
 def _meta(stats: SEVStats, metric: str, method: str) -> dict:
-    return {"model": stats.model.get("name"), "inputs_hash": stats.meta.get("inputs_hash"), "metric": metric,
+    fp = {"model_fingerprint": stats.model["fingerprint"]} if stats.model.get("fingerprint") else {}
+    return {"model": stats.model.get("name"), **fp, "inputs_hash": stats.meta.get("inputs_hash"), "metric": metric,
             "method": method, "n_groups": stats.n_groups, "final_norm": stats.final_norm}
 
 
