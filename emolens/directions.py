@@ -548,17 +548,19 @@ class EmotionVectors:
         if not math.isfinite(scale):
             raise InputError(f"scale={scale} is not finite.")
         hint = model_hint or self.meta.get("model_type") or self.meta.get("model") or "unknown"
+        from .io import atomic_path
+
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        w = gguf.GGUFWriter(str(p), "controlvector")
-        w.add_string("controlvector.model_hint", str(hint))
-        w.add_uint32("controlvector.layer_count", len(dirs))
-        for n, v in dirs.items():
-            w.add_tensor(f"direction.{n}", (v.double() * scale).float().numpy().astype(np.float32))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        with atomic_path(p) as tmp:  # a reader never sees half a file
+            w = gguf.GGUFWriter(str(tmp), "controlvector")
+            w.add_string("controlvector.model_hint", str(hint))
+            w.add_uint32("controlvector.layer_count", len(dirs))
+            for n, v in dirs.items():
+                w.add_tensor(f"direction.{n}", (v.double() * scale).float().numpy().astype(np.float32))
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
         return p
 
     @classmethod

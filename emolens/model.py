@@ -526,7 +526,7 @@ class EmoModel:
         from .interventions import generate
 
         prompts = _prompt_list(prompts)
-        check_generation_args(max_new_tokens=max_new_tokens, batch_size=batch_size)
+        max_new_tokens, batch_size = _positive_int("max_new_tokens", max_new_tokens), _positive_int("batch_size", batch_size)
         from .progress import progress_bar
 
         out: list = []
@@ -602,7 +602,7 @@ def _prompt_list(prompts) -> list:
         return [prompts]
     if prompts is None or isinstance(prompts, (bytes, dict)) or not hasattr(prompts, "__iter__"):
         raise InputError(f"Prompts must be a string or a list of strings (or of chat message lists), not "
-                         f"{type(prompts).__name__}; e.g. model.generate(['How was your day?']).")
+                         f"{type(prompts).__name__}; pass e.g. ['How was your day?'].")
     prompts = list(prompts)
     if not prompts:
         raise InputError("The prompt list is empty; pass at least one prompt.")
@@ -628,14 +628,6 @@ def _positive_int(name: str, value) -> int:
     if int(value) < 1:
         raise InputError(f"{name}={value}; pass a positive integer (at least 1).")
     return int(value)
-
-
-def check_generation_args(*, max_new_tokens=None, batch_size=None) -> None:
-    """Raise :class:`InputError` unless the given sizes are positive integers."""
-    if max_new_tokens is not None:
-        _positive_int("max_new_tokens", max_new_tokens)
-    if batch_size is not None:
-        _positive_int("batch_size", batch_size)
 
 
 def continuation_logprob_from_logits(logits: Float[torch.Tensor, "batch pos vocab"], batch: Batch
