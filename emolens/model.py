@@ -447,6 +447,10 @@ class EmoModel:
         prompts = _prompt_list(prompts)
         if continuations is not None and len(continuations) != len(prompts):
             raise InputError(f"{len(prompts)} prompts but {len(continuations)} continuations; pass one each.")
+        bad = [i for i, c in enumerate(continuations or []) if not isinstance(c, str)]
+        if bad:
+            raise InputError(f"Continuation {bad[0]} is {type(continuations[bad[0]]).__name__}, not a string; pass "
+                             "one text per prompt.")
         use_chat = self.has_chat_template if chat is None else chat
         if system is not None and not use_chat:
             raise InputError("system= needs chat formatting; drop it or pass chat=True.")

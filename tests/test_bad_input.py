@@ -380,7 +380,22 @@ BAD = {
     "prompt beyond the context": (lambda m: m.generate(["x" * 600], max_new_tokens=2), InputError,
                                   "shorten or truncate the prompt"),
     "unknown emotion": (lambda m: _vectors(m)["anger"], InputError, "have joy"),
+    "strength as text": (lambda m: Add(resid(1), torch.ones(64), strength="2"), InterventionError,
+                         "pass e.g. strength=2.0"),
+    "vector as text": (lambda m: Add(resid(1), "joy"), InterventionError, "must be numbers"),
+    "continuation None": (lambda m: m.continuation_logprobs(["a"], [None]), InputError, "pass one text per prompt"),
+    "misspelt position rule": (lambda m: emolens.capture(m, ["hi"], resid(1), pos="lats"), SiteError,
+                               "valid rules: all, prompt, last"),
+    "head out of range": (lambda m: emolens.capture(m, ["hi"], "head.1.9"), SiteError, "valid heads are 0..3"),
 }
+
+
+def test_one_intervention_where_a_list_is_expected(tiny_llama):
+    add = Add(resid(1), torch.ones(64), strength=3.0)
+    one = tiny_llama.forward(["hi there"], interventions=add, chat=False)
+    ref = tiny_llama.forward(["hi there"], interventions=[add], chat=False)
+    base = tiny_llama.forward(["hi there"], chat=False)
+    assert torch.equal(one, ref) and not torch.allclose(one, base)
 
 
 @pytest.mark.parametrize("case", list(BAD))
