@@ -116,6 +116,8 @@ def run_metadata(model=None, settings: dict | None = None, **extra: Any) -> dict
         pass
     if model is not None:
         meta["model"] = getattr(model, "name", str(model))
+        if getattr(model, "fingerprint", None):
+            meta["model_fingerprint"] = model.fingerprint
     if settings:
         meta["settings"] = settings
     meta.update(extra)

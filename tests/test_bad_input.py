@@ -324,13 +324,14 @@ def test_files_without_fingerprint_fall_back_to_the_name(tmp_path, tiny_llama):
 
 
 def test_every_result_records_the_fingerprint(tiny_llama):
-    from emolens import attribution, metrics
+    from emolens import attribution, metrics, report
 
     att = attribution.attribute(tiny_llama, ["I feel x"], ["I feel y"], metrics.logit_diff(tiny_llama, "x", "y"),
                                 nodes=["resid", "heads"], progress=False)
     vec = _vectors(tiny_llama)
     metas = {"capture": emolens.capture(tiny_llama, ["hi there"], resid(1), chat=False).meta, "vectors": vec.meta,
-             "norms": vec.norms().meta, **{f"attribution {k}": r.meta for k, r in att.items()}}
+             "norms": vec.norms().meta, **{f"attribution {k}": r.meta for k, r in att.items()},
+             "run.json": report.run_metadata(tiny_llama)}
     for what, m in metas.items():
         assert (m["model"], m["model_fingerprint"]) == ("tiny-llama", tiny_llama.fingerprint), what
 
