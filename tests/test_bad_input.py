@@ -405,3 +405,26 @@ def test_other_bad_inputs(tiny_llama, case):
     with pytest.raises(err) as e:
         fn(tiny_llama)
     assert fix in str(e.value)
+
+
+def test_circuit_statistics_of_another_model_are_refused(tmp_path, tiny_llama):
+    from emolens.circuits import (collect_sev_stats, emo_prompts, emotion_directions, neuron_scores_from_stats,
+                                  sev_items)
+    from emolens.circuits.directions import SEVStats
+
+    qwen = get_model("tiny-qwen2")
+    records = [{"theme": "work", "skeleton_id": "w0", "scenario": "I sent the report to my manager.",
+                "event": {"positive": "She praised it.", "neutral": "She will read it.", "negative": "She hated it."}}]
+    stats = collect_sev_stats(tiny_llama, emo_prompts(sev_items(records)), progress=False)
+    p = stats.save(tmp_path / "stats")
+    stats = SEVStats.load(p)
+    assert stats.model["fingerprint"] == tiny_llama.fingerprint
+    dirs = emotion_directions(stats)
+    assert neuron_scores_from_stats(tiny_llama, stats, dirs, "anger").meta["model_fingerprint"] == \
+        tiny_llama.fingerprint
+    with pytest.raises(ResultError, match="Recompute them for this model") as e:
+        neuron_scores_from_stats(qwen, stats, dirs, "anger")
+    assert "'tiny-llama'" in str(e.value) and "'tiny-qwen2'" in str(e.value)
+    p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(ResultError, match="truncated or corrupt"):
+        SEVStats.load(p)

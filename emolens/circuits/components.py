@@ -38,7 +38,7 @@ from ..progress import progress_bar
 from ..results import Result, inputs_hash
 from ..sites import Pos, Site, head, neuron
 from . import _model
-from .directions import SEVStats
+from .directions import SEVStats, _check_model
 
 __all__ = ["neuron_scores_from_stats", "head_scores_from_stats", "neuron_scores", "head_scores",
            "head_scores_masked", "component_curve", "prefix_steppers", "curve_ratio", "layer_direction"]
@@ -98,6 +98,7 @@ def neuron_scores_from_stats(model, stats: SEVStats, directions: Result, emotion
         Result kind ``"neurons"`` ``[layer, d_mlp]`` = ``C_mean`` (units: residual-stream projection),
         extra ``C_pos``, ``C_neg``, ``beta``, ``H_mean``.
     """
+    _check_model(stats.model, model)  # statistics of another model (even of the same width) are refused
     if emotion not in stats.emotions:
         raise InputError(f"No statistics for {emotion!r}; have {list(stats.emotions)}.")
     e = stats.emotions.index(emotion)
@@ -171,6 +172,7 @@ def head_scores_from_stats(model, stats: SEVStats, directions: Result, emotion: 
         InputError: the model has a post-attention norm (the closed form is not linear there; use
             :func:`head_scores`).
     """
+    _check_model(stats.model, model)
     if any(_model.post_attn_norm(model, l) is not None for l in range(model.n_layers)):
         raise InputError(f"{model.architecture} normalises the attention output before the residual add, so head "
                          "scores are not linear in z; use head_scores(model, prompts, direction) instead.")
