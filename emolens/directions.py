@@ -475,9 +475,9 @@ class EmotionVectors:
         widths and layers fit it.
         """
         from .model import check_model_meta
-        from .results import read_json, read_safetensors
+        from .results import read_json, read_safetensors, saved_path
 
-        p = Path(path).with_suffix(".safetensors")
+        p = saved_path(path, "emotion vectors")
         if not p.exists():
             raise ResultError(f"No saved emotion vectors at {p}; check the path (EmotionVectors.save writes "
                               "NAME.safetensors + NAME.json; a .gguf goes through EmotionVectors.from_gguf).")

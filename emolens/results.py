@@ -45,6 +45,16 @@ def _tensor_path(path: str | Path) -> Path:
     return p.with_suffix(".safetensors") if p.suffix in ("", ".json", ".safetensors") else Path(str(p) + ".safetensors")
 
 
+def saved_path(path: str | Path, what: str) -> Path:
+    """``NAME.safetensors`` for ``NAME``, ``NAME.json`` or ``NAME.safetensors``; other existing files are refused."""
+    p = Path(path)
+    if p.suffix not in ("", ".safetensors", ".json") and p.is_file():
+        raise ResultError(f"{p} is a {p.suffix or 'suffix-less'} file, not saved {what} (NAME.safetensors + NAME.json"
+                          + ("; a llama.cpp .gguf goes through EmotionVectors.from_gguf" if what == "emotion vectors"
+                             else "") + "); pass the .safetensors path.")
+    return p.with_suffix(".safetensors") if p.suffix in ("", ".json", ".safetensors") else Path(str(p) + ".safetensors")
+
+
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header metadata of a safetensors file; :class:`ResultError` naming the file if it is corrupt."""
     from safetensors import safe_open
@@ -197,7 +207,7 @@ class Result:
         """Load a saved result; with ``model``, refuse one computed on another model (fingerprint, else name)."""
         from .model import check_model_meta
 
-        p = Path(path).with_suffix(".safetensors")
+        p = saved_path(path, "results")
         if not p.exists():
             raise ResultError(f"No saved result at {p}; check the path (Result.save writes NAME.safetensors + "
                               "NAME.json).")

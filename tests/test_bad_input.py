@@ -261,6 +261,18 @@ def test_result_top_negative():
     assert r.top(0) == [] and [c["layer"] for c in r.top(2)] == [3, 2]
 
 
+def test_cli_steer_bad_window_and_wrong_vectors_file(tmp_path, capsys):
+    assert cli.main(["steer", "--model", "tiny-llama", "--window", "a,b", "--max-new-tokens", "2"]) == 2
+    assert "e.g. --window -3,-2,-1" in capsys.readouterr().err
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    assert cli.main(["steer", "--model", "tiny-llama", "--vectors", str(notes), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "is a .txt file, not saved emotion vectors" in err and "pass the .safetensors path" in err
+    with pytest.raises(ResultError, match="not saved results"):
+        Result.load(notes)
+
+
 def test_cli_model_errors_are_one_line(capsys):
     assert cli.main(["info", "--model", "./no/such/model-dir"]) == 2
     assert "emolens: error: No model directory" in capsys.readouterr().err
