@@ -486,7 +486,7 @@ def effect_curve(model, prompts: Sequence[Any], result: Result, measure: Measure
             sites = random_k_sites(model, fam, k, seed=_draw_seed(seed, r, k), exclude=top_all if exclude_top else ())
             draws.append(_call_measure(measure, model, prompts, ablate(model, prompts, sites, **abl_kw)))
         acc.add(base, vals, draws)
-    meta = {"model": model.name, "method": f"ablation:{kind}", "measure": getattr(measure, "__name__", "measure"),
+    meta = {**model.meta(), "method": f"ablation:{kind}", "measure": getattr(measure, "__name__", "measure"),
             "n_prompts": len(prompts), "n_random": n_random, "seed": seed, "scale": scale, "family": fam,
             "source_kind": result.kind if isinstance(result, Result) else "sites",
             "inputs_hash": inputs_hash([str(p) for p in prompts]), "effect": "measure(ablated) - measure(base)"}
@@ -534,7 +534,7 @@ def scale_curve(model, prompts: Sequence[Any], result: "Result | Sequence[Site]"
         vals = _call_measure(measure, model, prompts, ablate(model, prompts, sites, **kw))
         draws = [_call_measure(measure, model, prompts, ablate(model, prompts, rs, **kw)) for rs in rnd_sets]
         acc.add(base, vals, draws)
-    meta = {"model": model.name, "method": f"{kind}_curve", "measure": getattr(measure, "__name__", "measure"),
+    meta = {**model.meta(), "method": f"{kind}_curve", "measure": getattr(measure, "__name__", "measure"),
             "n_prompts": len(prompts), "n_random": n_random, "seed": seed, "k": n, "family": fam,
             "components": [str(x) for x in sites], "inputs_hash": inputs_hash([str(p) for p in prompts]),
             "effect": "measure(modified) - measure(base)"}

@@ -681,7 +681,7 @@ def attribute(model, clean, corrupted, metric, *, nodes: Sequence[str] | str = D
     meth = "ig" if ig_steps > 1 else method
     if meth == "atp" and (qk_fix or graddrop):
         meth = "atp" + ("+qk" if qk_fix else "") + ("+graddrop" if graddrop else "")
-    meta = {"model": model.name, "inputs_hash": pairs.inputs_hash, "metric": metric.name, "method": meth,
+    meta = {**model.meta(), "inputs_hash": pairs.inputs_hash, "metric": metric.name, "method": meth,
             "ig_steps": ig_steps, "qk_fix": qk_fix, "graddrop": graddrop, "n_prompts": n, "convention": CONVENTION,
             "clean_metric": float(mc.mean()), "corrupted_metric": float(mx.mean()), "normalized": normalize,
             "align": align, "resid_site": rkind}

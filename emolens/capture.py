@@ -140,9 +140,10 @@ def capture(model, prompts: "Sequence[Any] | Any", sites: "Site | str | Sequence
     Returns:
         :class:`CaptureResult`.
     """
-    prompts = list(prompts)
-    if not prompts:
-        raise InputError("The prompt list is empty: no prompts to capture; pass at least one.")
+    from .model import _positive_int, _prompt_list
+
+    prompts = _prompt_list(prompts)  # one string is one prompt; None / non-strings: InputError naming the fix
+    batch_size = _positive_int("batch_size", batch_size)
     if reduce not in REDUCTIONS:
         raise InputError(f"Unknown reduce={reduce!r}; use one of {', '.join(REDUCTIONS)}.")
     pos = Pos.from_dict(pos) if isinstance(pos, (str, dict)) else pos
@@ -184,7 +185,7 @@ def capture(model, prompts: "Sequence[Any] | Any", sites: "Site | str | Sequence
         tot = tot.float().cpu().reshape((n_groups,) + a.dims)
         data[key] = tot if reduce == "group_mean" else tot[0]
     return CaptureResult(data, reduce, pos, len(prompts), counts.float(), labels,
-                         {"model": model.name, "sites": list(data)})
+                         {**model.meta(), "sites": list(data)})
 
 
 def run_with_cache(model, prompts, sites: "Site | str | Sequence[Site | str]", *,

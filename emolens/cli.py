@@ -12,16 +12,33 @@ from pathlib import Path
 from typing import Callable
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+# Example command lines per subcommand, shown in its --help epilog; tests/test_cli.py runs every one of them.
+EXAMPLES: dict[str, list[str]] = {}
 
 
-def command(name: str, help: str):
-    """Register ``fn(args) -> exit code`` with an ``add_args(parser)`` companion."""
+def command(name: str, help: str, examples: list[str] | tuple[str, ...] = ()):
+    """Register ``fn(args) -> exit code`` with an ``add_args(parser)`` companion and --help examples."""
     def deco(add_args):
         def wrap(run):
             COMMANDS[name] = (help, add_args, run)
+            EXAMPLES.setdefault(name, []).extend(examples)
             return run
         return wrap
     return deco
+
+
+def _epilog(name: str) -> str | None:
+    ex = EXAMPLES.get(name)
+    return "examples:\n" + "\n".join(f"  {e}" for e in ex) if ex else None
+
+
+def build_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand: its own options, its description and its examples."""
+    help_, add_args, _ = COMMANDS[name]
+    p = argparse.ArgumentParser(prog=f"emolens {name}", description=help_, epilog=_epilog(name),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    return p
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -30,11 +47,25 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the error names the option and the fix)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; pass a whole number >= 1, e.g. 10") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} is not a positive count; pass a whole number >= 1, e.g. 10")
+    return v
+
+
 def _info_args(p):
     _model_arg(p)
 
 
-@command("info", "print the model's dimensions and hook names")(_info_args)
+@command("info", "print the model's dimensions and hook names", examples=[
+    "emolens info",
+    "emolens info --model Qwen/Qwen2.5-7B-Instruct --device cuda",
+])(_info_args)
 def _info(args) -> int:
     import emolens
 
@@ -52,7 +83,9 @@ def _demo_args(p):
     p.add_argument("--max-new-tokens", type=int, default=40)
 
 
-@command("demo", "chat once unsteered and once with a steering intervention")(_demo_args)
+@command("demo", "chat once unsteered and once with a steering intervention", examples=[
+    'emolens demo --prompt "Tell me about your day." --max-new-tokens 20',
+])(_demo_args)
 def _demo(args) -> int:
     import torch
 
@@ -99,7 +132,12 @@ def _run_args(p):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-@command("run", "run the pipelines on a model and write a self-contained report.html into a new run folder")(_run_args)
+@command("run", "run the pipelines on a model and write a self-contained report.html into a new run folder",
+         examples=[
+             "emolens run --quick --out runs --name first",
+             "emolens run --quick --only paper2 --out runs --name circuits --no-progress",
+             "emolens run --model meta-llama/Llama-3.1-8B-Instruct --device cuda --out runs --name llama8b",
+         ])(_run_args)
 def _run(args) -> int:
     import time
 
@@ -167,7 +205,10 @@ def _report_args(p):
     p.add_argument("--output", default=None, help="write the HTML here instead of RUN_DIR/report.html")
 
 
-@command("report", "re-render report.html from a run folder's saved results")(_report_args)
+@command("report", "re-render report.html from a run folder's saved results", examples=[
+    "emolens report runs/first",
+    "emolens report runs/first --output first.html",
+])(_report_args)
 def _report(args) -> int:
     from emolens import report
 
@@ -176,27 +217,43 @@ def _report(args) -> int:
     return 0
 
 
-def _delegate_args(p):
-    _model_arg(p)
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="options passed on to the pipeline's command")
+def _pipeline_args(pipeline: str, fn: str):
+    """``add_args`` of a command whose options the pipeline declares (``emolens.pipelines.<pipeline>.<fn>``)."""
+    def add_args(p: argparse.ArgumentParser) -> None:
+        mod = _pipeline(pipeline)
+        if mod is not None and hasattr(mod, fn):
+            getattr(mod, fn)(p)
+        else:  # not in this build: accept anything, the command then says what is missing
+            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return add_args
 
 
 def _delegate(pipeline: str, fn: str, what: str, args) -> int:
     from .errors import MissingDependencyError
 
     mod = _pipeline(pipeline)
-    if mod is None or not hasattr(mod, fn):
+    if mod is None or not hasattr(mod, fn) or hasattr(args, "rest"):
         raise MissingDependencyError(f"`emolens {what}` needs emolens.pipelines.{pipeline}.{fn}, which this build "
                                      "does not have yet; update emolens or use the Python API.")
     return getattr(mod, fn)(args) or 0
 
 
-@command("steer", "emotion vectors and steering (paper 1): build vectors, steer a chat")(_delegate_args)
+@command("steer", "emotion vectors and steering (paper 1): build vectors, steer a chat", examples=[
+    'emolens steer --model tiny-llama --prompt hello',
+    'emolens steer --prompt "How was your weekend?" --emotion joy --max-new-tokens 30',
+    'emolens steer --emotion anger --layer 3 --strength 0.2 --mode norm --position generated',
+    'emolens steer --emotion joy --save-gguf joy.gguf',
+    'emolens steer --vectors joy.gguf --mode rms --strength 0.5',
+    'emolens steer --run runs/first --prompt "How was your weekend?"',
+])(_pipeline_args("paper1", "add_steer_args"))
 def _steer(args) -> int:
     return _delegate("paper1", "steer_cli", "steer", args)
 
 
-@command("circuit", "emotion circuits (paper 2): score neurons/heads, build and test a circuit")(_delegate_args)
+@command("circuit", "emotion circuits (paper 2): score neurons/heads, build and test a circuit", examples=[
+    'emolens circuit --quick --out runs --name circuits-quick',
+    'emolens circuit --model meta-llama/Llama-3.2-3B-Instruct --device cuda --paper',
+])(_pipeline_args("paper2", "add_circuit_args"))
 def _circuit(args) -> int:
     return _delegate("paper2", "circuit_cli", "circuit", args)
 
@@ -211,7 +268,7 @@ def _attribute_args(p):
     p.add_argument("--out", default="runs", help="folder that holds run folders (default: ./runs)")
     p.add_argument("--name", default=None, help="run folder name (default: a timestamp)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same --name")
-    p.add_argument("--top", type=int, default=10, help="rows in the top-component tables")
+    p.add_argument("--top", type=_positive_int, default=10, help="rows in the top-component tables (>= 1)")
     p.add_argument("--method", default="atp", choices=("atp", "atp*", "ig"),
                    help="attribution patching, AtP* (QK fix + GradDrop) or integrated gradients (default: atp)")
     p.add_argument("--nodes", default="resid,heads,neurons,sublayers",
@@ -219,8 +276,13 @@ def _attribute_args(p):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-@command("attribute", "attribution patching for a clean/corrupted prompt pair; writes heatmaps to a small report")(
-    _attribute_args)
+@command("attribute", "attribution patching for a clean/corrupted prompt pair; writes heatmaps to a small report",
+         examples=[
+             "emolens attribute --clean 'I feel so happy' --corrupted 'I feel so angry' --target ' today' "
+             "--foil ' now' --out runs --name attr",
+             "emolens attribute --clean 'I feel so happy' --corrupted 'I feel so angry' --target ' today' "
+             "--foil ' now' --method 'atp*' --nodes resid,heads --top 5 --out runs --name attr-star",
+         ])(_attribute_args)
 def _attribute(args) -> int:
     import pandas as pd
 
@@ -284,7 +346,21 @@ def _attribution_results(m, args) -> dict:
                                       chat=args.chat, progress=not args.no_progress))
 
 
+def _top_parser() -> argparse.ArgumentParser:
+    """``emolens --help``: the list of subcommands (their options live in their own parsers)."""
+    lines = [f"  emolens {n} --help" for n in COMMANDS]
+    p = argparse.ArgumentParser(prog="emolens", description="Find and control emotion in language models.",
+                                usage="emolens COMMAND [options ...]",
+                                epilog="every command has its own options and examples:\n" + "\n".join(lines),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", title="commands")
+    for name, (help_, _, _) in COMMANDS.items():
+        sub.add_parser(name, help=help_)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``emolens COMMAND ARGS...``: ARGS go to COMMAND's own parser unchanged and in order."""
     from .errors import EmolensError
 
     # Import modules that register further commands.
@@ -293,17 +369,21 @@ def main(argv: list[str] | None = None) -> int:
             __import__(mod)
         except ImportError:
             pass
-    parser = argparse.ArgumentParser(prog="emolens", description="Find and control emotion in language models.")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    for name, (help_, add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_, description=help_))
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        if not hasattr(args, "rest"):  # only delegating commands take options they do not declare
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-        args.rest = list(args.rest or []) + unknown
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        if not argv:
+            top.print_usage(sys.stderr)
+            top.exit(2, "emolens: error: name a command, e.g. `emolens run --quick`; see `emolens --help`\n")
+        top.print_help()
+        top.exit(0)  # like every subcommand's --help
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        top.error(f"unknown command {name!r}; choose one of: {', '.join(COMMANDS)}")
+    args = build_parser(name).parse_args(rest)
+    args.cmd = name
     try:
-        return COMMANDS[args.cmd][2](args) or 0
+        return COMMANDS[name][2](args) or 0
     except EmolensError as e:
         print(f"emolens: error: {e}", file=sys.stderr)
         return 2

@@ -59,6 +59,7 @@ __all__ = ["Pair", "read_pairs", "pair_activations", "mean_difference", "pca_dir
 
 METHODS = ("mean_diff", "pca")
 TOKEN_REDUCTIONS = ("last", "mean")
+VECTORS_FORMAT = "emolens.EmotionVectors"
 
 
 # =========================================================================================
@@ -440,44 +441,63 @@ class EmotionVectors:
                       meta={**self._result_meta(), "metric": what})
 
     def _result_meta(self) -> dict:
-        return {k: self.meta[k] for k in ("model", "method", "inputs_hash") if k in self.meta}
+        return {k: self.meta[k] for k in ("model", "model_fingerprint", "method", "inputs_hash") if k in self.meta}
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write ``PATH.safetensors`` (tensors ``"{emotion}/{hook_name}"``) and ``PATH.json``."""
-        from safetensors.torch import save_file
+        """Write ``PATH.safetensors`` (tensors ``"{emotion}/{hook_name}"``) and ``PATH.json`` atomically.
 
-        p = Path(path)
-        p = p.with_suffix(".safetensors") if p.suffix in ("", ".json", ".safetensors") else Path(str(p) + ".safetensors")
-        p.parent.mkdir(parents=True, exist_ok=True)
+        Both carry ``format: emolens.EmotionVectors`` and the model name and fingerprint.
+        """
+        from .io import write_json, write_safetensors
+        from .results import _tensor_path
+
+        p = _tensor_path(path)
         for e in self.vectors:
             if "/" in e:
                 raise InputError(f"Emotion name {e!r} contains '/'; rename it before saving.")
-        tensors = {f"{e}/{k}": v.contiguous() for e, per in self.vectors.items() for k, v in per.items()}
+        tensors = {f"{e}/{k}": v for e, per in self.vectors.items() for k, v in per.items()}
         if not tensors:
             raise ResultError("No vectors to save.")
-        save_file(tensors, str(p), metadata={"format": "emolens.EmotionVectors"})
-        p.with_suffix(".json").write_text(json.dumps({"format": "emolens.EmotionVectors", "emotions": self.emotions,
-                                                      "stats": self.stats, "quality": self.quality, "meta": self.meta},
-                                                     indent=1, default=str))
+        header = {"format": VECTORS_FORMAT, **{k: str(self.meta[k]) for k in ("model", "model_fingerprint", "d_model")
+                                                if k in self.meta}}
+        write_safetensors(p, tensors, header)
+        write_json(p.with_suffix(".json"), {"format": VECTORS_FORMAT, "emotions": self.emotions, "stats": self.stats,
+                                            "quality": self.quality, "meta": self.meta})
         return p
 
     @classmethod
     def load(cls, path: str | Path, *, model=None) -> "EmotionVectors":
-        """Load vectors saved by :meth:`save`; with ``model``, check widths and layers fit it."""
-        from safetensors.torch import load_file
+        """Load vectors saved by :meth:`save`.
 
-        p = Path(path).with_suffix(".safetensors")
+        With ``model``: refuse vectors made on another model (:class:`ResultError`; decided by the
+        stored fingerprint, or a warning on a name mismatch for files without one), then check
+        widths and layers fit it.
+        """
+        from .model import check_model_meta
+        from .results import read_json, read_safetensors, saved_path
+
+        p = saved_path(path, "emotion vectors")
         if not p.exists():
-            raise ResultError(f"No saved emotion vectors at {p}.")
-        t = load_file(str(p))
-        info = json.loads(p.with_suffix(".json").read_text()) if p.with_suffix(".json").exists() else {}
+            raise ResultError(f"No saved emotion vectors at {p}; check the path (EmotionVectors.save writes "
+                              "NAME.safetensors + NAME.json; a .gguf goes through EmotionVectors.from_gguf).")
+        t, header = read_safetensors(p)
+        info = read_json(p.with_suffix(".json"), required=False)
+        fmt = info.get("format") or header.get("format")
+        if fmt == "emolens.Result" or (fmt is None and "kind" in info and "scores" in t):
+            raise ResultError(f"{p} holds a Result (scores over model components), not emotion vectors; load it with "
+                              "emolens.Result.load(...).")
+        if fmt not in (None, VECTORS_FORMAT) or any("/" not in k for k in t):
+            raise ResultError(f"{p} is not a saved EmotionVectors file (format {fmt!r}, tensors "
+                              f"{sorted(t)[:3]}); pass a file written by EmotionVectors.save.")
         vectors: dict[str, dict[str, torch.Tensor]] = {e: {} for e in info.get("emotions", [])}
         for name, v in t.items():
             e, _, k = name.partition("/")
             vectors.setdefault(e, {})[k] = v
-        out = cls(vectors, info.get("stats", {}), info.get("quality", {}), info.get("meta", {}))
+        meta = info.get("meta") or {k: v for k, v in header.items() if k in ("model", "model_fingerprint")}
+        out = cls(vectors, info.get("stats", {}), info.get("quality", {}), meta)
         if model is not None:
+            check_model_meta(out.meta, model, f"Emotion vectors {p}", name_mismatch="warn")
             out.check(model)
         return out
 
@@ -528,17 +548,19 @@ class EmotionVectors:
         if not math.isfinite(scale):
             raise InputError(f"scale={scale} is not finite.")
         hint = model_hint or self.meta.get("model_type") or self.meta.get("model") or "unknown"
+        from .io import atomic_path
+
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        w = gguf.GGUFWriter(str(p), "controlvector")
-        w.add_string("controlvector.model_hint", str(hint))
-        w.add_uint32("controlvector.layer_count", len(dirs))
-        for n, v in dirs.items():
-            w.add_tensor(f"direction.{n}", (v.double() * scale).float().numpy().astype(np.float32))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        with atomic_path(p) as tmp:  # a reader never sees half a file
+            w = gguf.GGUFWriter(str(tmp), "controlvector")
+            w.add_string("controlvector.model_hint", str(hint))
+            w.add_uint32("controlvector.layer_count", len(dirs))
+            for n, v in dirs.items():
+                w.add_tensor(f"direction.{n}", (v.double() * scale).float().numpy().astype(np.float32))
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
         return p
 
     @classmethod
@@ -583,11 +605,15 @@ class EmotionVectors:
             per[site.hook_name] = v
         if not per:
             raise ResultError(f"{p} holds no direction.<layer> tensors.")
-        meta = {"model_type": hint, "source": str(p), "format": "gguf-controlvector"}
-        if model is not None:
-            meta["model"] = model.name
+        # the file's model_hint (e.g. "llama") is kept; it is all a GGUF control vector says about its model
+        meta = {"model_type": hint, "model_hint": hint, "source": str(p), "format": "gguf-controlvector"}
         out = cls({emotion: per}, meta=meta)
         if model is not None:
+            mtype = getattr(getattr(getattr(model, "hf_model", None), "config", None), "model_type", None)
+            if hint and hint not in ("unknown", mtype, model.name):
+                warnings.warn(f"{p} says it was made for model {hint!r}, but {model.name!r} is a {mtype!r} model; "
+                              "the widths fit, yet vectors from another model steer nothing meaningful. Use vectors "
+                              "made on this model.", stacklevel=2)
             out.check(model)
         return out
 
@@ -655,7 +681,7 @@ def emotion_vectors(model, pairs: Any, *, layers: "int | Iterable[int] | None" =
         for e in emotions:
             vectors[e][s.hook_name] = direction(pos[k][idx[e]], neg[k][idx[e]], method,
                                                 **({"center": center} if method == "pca" else {}))
-    meta = {"model": model.name, "model_type": getattr(model.hf_model.config, "model_type", None),
+    meta = {**model.meta(), "model_type": getattr(model.hf_model.config, "model_type", None),
             "d_model": model.d_model, "method": method, "center": center if method == "pca" else None,
             "token_reduce": token_reduce, "chat": chat,
             "n_pairs": {e: int(idx[e].numel()) for e in emotions},

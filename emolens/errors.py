@@ -46,3 +46,7 @@ class JudgeError(EmolensError, RuntimeError):
 
 class ResultError(EmolensError, ValueError):
     """A results object of the wrong kind, empty, or saved for another model."""
+
+
+class OutputPathError(EmolensError, OSError):
+    """An output path that cannot be written: under a file, in a read-only or missing place."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Sequence
@@ -45,7 +46,11 @@ __all__ = ["Intervention", "Add", "Scale", "Set", "Zero", "Mean", "Replace", "Re
 # Tensor helpers
 # =========================================================================================
 def _tensor(x: Any, what: str) -> torch.Tensor:
-    t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=torch.float32)
+    try:
+        t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise InterventionError(f"The {what} must be numbers (a tensor, array, list or float), not "
+                                f"{type(x).__name__} {str(x)[:40]!r}.") from None
     if t.is_floating_point() and not torch.isfinite(t).all():
         bad = "NaN" if torch.isnan(t).any() else "inf"
         raise InterventionError(f"The {what} contains {bad} values; check how it was computed "
@@ -217,6 +222,10 @@ class Add(Intervention):
         if self.vector is None:
             raise InterventionError("Add needs a vector.")
         self.vector = _tensor(self.vector, "Add vector")
+        if isinstance(self.strength, bool) or not (isinstance(self.strength, numbers.Real) or (
+                isinstance(self.strength, torch.Tensor) and self.strength.numel() == 1)):
+            raise InterventionError(f"Add strength must be a number, not {type(self.strength).__name__} "
+                                    f"{self.strength!r}; pass e.g. strength=2.0.")
         if not torch.isfinite(torch.tensor(float(self.strength))):
             raise InterventionError(f"Add strength {self.strength} is not finite.")
 
@@ -509,6 +518,8 @@ class HookPlan:
     def __init__(self, model, interventions: Iterable[Intervention] | None = None,
                  readers: Iterable[Reader] | None = None):
         self.model = model
+        if isinstance(interventions, Intervention):  # one spec where a list was expected
+            interventions = [interventions]
         self.interventions = list(interventions or [])
         self.readers = list(readers or [])
         for iv in self.interventions:

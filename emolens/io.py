@@ -14,7 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "write_bytes", "write_text", "write_json", "write_parquet", "write_safetensors"]
+from .errors import OutputPathError
+
+__all__ = ["atomic_path", "ensure_dir", "write_bytes", "write_text", "write_json", "write_parquet", "write_safetensors"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -26,12 +28,41 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _why(target: Path, e: OSError) -> str:
+    """Say which part of ``target``'s path is in the way."""
+    for parent in [target.parent, *target.parent.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a folder"
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return f"{parent} is not writable"
+            break
+    return e.strerror or str(e)
+
+
+def ensure_dir(folder: str | Path) -> Path:
+    """``mkdir -p folder`` with an :class:`~emolens.errors.OutputPathError` that names what is in the way."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputPathError(f"Cannot create the folder {folder}: {_why(folder / '_', e)}; choose an output path in "
+                              "a writable folder.") from None
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; rename it over ``target`` when the block succeeds."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    if target.is_dir():
+        raise OutputPathError(f"Cannot write {target}: it is a folder; pass a file path.")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:
+        raise OutputPathError(f"Cannot write {target}: {_why(target, e)}; choose an output path in a writable "
+                              "folder (e.g. under your home or the current directory).") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:

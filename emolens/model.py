@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 from jaxtyping import Float, Int
 
-from .errors import InputError, MissingDependencyError, ModelNotFoundError
+from .errors import InputError, MissingDependencyError, ModelNotFoundError, ResultError
 
 log = logging.getLogger("emolens")
 
@@ -183,6 +183,65 @@ def _load_hf(name: str, dtype: torch.dtype, trust_remote_code: bool, device_map=
     return hf, tok
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def _check_dtype(dtype) -> torch.dtype | None:
+    """``None``, a floating torch dtype or its name (``"bfloat16"``, ``"torch.float16"``, ``"fp32"``, ...)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        t = DTYPES.get(key, getattr(torch, key, None))
+    else:
+        t = dtype
+    if not isinstance(t, torch.dtype) or not t.is_floating_point:
+        raise InputError(f"Unknown or non-float dtype {dtype!r}; pass one of float32, bfloat16, float16 "
+                         "(or the torch dtype), or leave it unset for the device's default.")
+    return t
+
+
+def _check_device(device) -> torch.device:
+    """A torch device that exists on this machine."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"Unknown device {device!r} ({str(e).splitlines()[0][:80]}); pass 'cpu', 'cuda', "
+                         "'cuda:1', 'mps', ... or leave it unset (CUDA when available, else CPU).") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device={str(device)!r} but CUDA is not available here (torch "
+                             f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); pass device='cpu' "
+                             "or leave device unset.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device={str(device)!r} but this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1}); pick one of those.")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError(f"device={str(device)!r} but MPS is not available here; pass device='cpu'.")
+    return dev
+
+
+def _check_local_dir(name: str) -> None:
+    """A name that looks like a path must be a model folder (Hugging Face ids are 'owner/name')."""
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if not looks_local:
+        return
+    if not path.exists():
+        raise ModelNotFoundError(f"No model directory at {name!r} ({path.resolve()} does not exist). Check the path, "
+                                 "or pass a Hugging Face id ('owner/name') or a known name: "
+                                 f"{', '.join(KNOWN_MODELS)}.")
+    if not path.is_dir():
+        raise ModelNotFoundError(f"{name!r} is a file, not a model directory; pass the folder that holds "
+                                 "config.json, the weights and the tokenizer (what save_pretrained writes).")
+    if not (path / "config.json").is_file():
+        have = sorted(p.name for p in path.iterdir())[:8]
+        raise ModelNotFoundError(f"{name!r} is not a model directory: it has no config.json (it holds "
+                                 f"{', '.join(have) if have else 'nothing'}). Point at the folder that "
+                                 "save_pretrained wrote (config.json + *.safetensors + tokenizer files).")
+
+
 def load_model(name: str | None = None, *, device: str | torch.device | None = None,
                dtype: torch.dtype | str | None = None, trust_remote_code: bool = False,
                device_map: str | dict | None = None) -> "EmoModel":
@@ -204,10 +263,12 @@ def load_model(name: str | None = None, *, device: str | torch.device | None = N
     from transformer_lens.model_bridge import TransformerBridge
 
     name = name or DEFAULT_MODEL
-    device = torch.device(device or default_device())
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if not isinstance(name, (str, os.PathLike)):
+        raise ModelNotFoundError(f"Model name must be a string or a path, not {type(name).__name__}; pass e.g. "
+                                 f"'{DEFAULT_MODEL}', 'tiny-llama' or a Hugging Face id.")
+    name = os.fspath(name)
+    device = _check_device(device or default_device())
+    dtype = _check_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     key = name.lower()
     if key in EMBEDDED_MODELS:
         hf, tok = _load_embedded(key, dtype)
@@ -216,6 +277,7 @@ def load_model(name: str | None = None, *, device: str | torch.device | None = N
         hf, tok = _tiny(key, dtype)
         label = f"emolens/{key}"
     elif "/" in name or Path(name).expanduser().exists():
+        _check_local_dir(name)
         hf, tok = _load_hf(name, dtype, trust_remote_code, device_map)
         label = name
     else:
@@ -341,6 +403,15 @@ class EmoModel:
                 "d_head": self.d_head, "d_mlp": self.d_mlp, "d_vocab": self.d_vocab, "n_ctx": self.n_ctx,
                 "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device)}
 
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the weights, stored with every saved vector and result (see :func:`model_fingerprint`)."""
+        return model_fingerprint(self)
+
+    def meta(self) -> dict:
+        """``{"model": name, "model_fingerprint": ...}``: what results and vectors record about their model."""
+        return {"model": self.name, "model_fingerprint": self.fingerprint}
+
     # -- text ------------------------------------------------------------------------------
     def format_chat(self, prompt: "str | Sequence[Message]", *, system: str | None = None) -> str:
         """Apply the chat template (with the generation prompt) to a user string or a message list."""
@@ -373,13 +444,13 @@ class EmoModel:
                 after ``prompt_len`` count as generated.
             max_new_tokens: tokens that will be generated after the prompt (context check only).
         """
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], dict)):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts:
-            raise InputError("The prompt list is empty; pass at least one prompt.")
+        prompts = _prompt_list(prompts)
         if continuations is not None and len(continuations) != len(prompts):
             raise InputError(f"{len(prompts)} prompts but {len(continuations)} continuations; pass one each.")
+        bad = [i for i, c in enumerate(continuations or []) if not isinstance(c, str)]
+        if bad:
+            raise InputError(f"Continuation {bad[0]} is {type(continuations[bad[0]]).__name__}, not a string; pass "
+                             "one text per prompt.")
         use_chat = self.has_chat_template if chat is None else chat
         if system is not None and not use_chat:
             raise InputError("system= needs chat formatting; drop it or pass chat=True.")
@@ -458,13 +529,8 @@ class EmoModel:
         """
         from .interventions import generate
 
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], dict)):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts:
-            raise InputError("The prompt list is empty; pass at least one prompt.")
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens={max_new_tokens}; ask for at least 1 token.")
+        prompts = _prompt_list(prompts)
+        max_new_tokens, batch_size = _positive_int("max_new_tokens", max_new_tokens), _positive_int("batch_size", batch_size)
         from .progress import progress_bar
 
         out: list = []
@@ -476,6 +542,96 @@ class EmoModel:
             for row in new:
                 out.append(row if return_ids else self.tokenizer.decode(row, skip_special_tokens=True))
         return out
+
+
+# =========================================================================================
+# Fingerprints: which model a saved vector or result belongs to
+# =========================================================================================
+_FP_SLICE = 4096  # values hashed from each end of each sampled tensor
+
+
+def model_fingerprint(model) -> str:
+    """Cheap, deterministic identity of a model's weights (16 hex characters).
+
+    Hashes the architecture, every parameter's name and shape, and the first and last
+    ``_FP_SLICE`` values of the first, middle and last parameter tensors, rounded to bfloat16 so
+    that float32 and bfloat16 loads of one checkpoint agree. Two models of the same width but
+    other weights (another checkpoint, a fine-tune, another random seed) differ; the name they
+    were loaded under does not count. Costs a few small device-to-host copies.
+    """
+    import hashlib
+
+    hf = getattr(model, "hf_model", model)
+    params = [(n, p) for n, p in hf.named_parameters() if p.device.type != "meta"]
+    h = hashlib.sha256()
+    h.update(str(getattr(model, "architecture", type(hf).__name__)).encode())
+    h.update(repr([(n, tuple(p.shape)) for n, p in params]).encode())
+    picks = {0, len(params) // 2, len(params) - 1} if params else set()
+    with torch.no_grad():
+        for i in sorted(picks):
+            flat = params[i][1].detach().reshape(-1)
+            for part in (flat[:_FP_SLICE], flat[-_FP_SLICE:]):
+                h.update(part.to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_model_meta(meta: dict, model, what: str, *, name_mismatch: str = "error") -> None:
+    """Refuse ``what`` (a saved result or vectors) when its meta says it belongs to another model.
+
+    A stored ``model_fingerprint`` decides (names may differ: one checkpoint loaded from a path and
+    from a Hub id). Files saved before fingerprints existed fall back to the model name, with
+    ``name_mismatch`` = ``"error"``, ``"warn"`` or ``"ignore"``.
+    """
+    fp = meta.get("model_fingerprint")
+    saved = meta.get("model")
+    if fp:
+        if fp != model.fingerprint:
+            raise ResultError(f"{what} was made with model {saved!r} (fingerprint {fp}), but {model.name!r} has "
+                              f"fingerprint {model.fingerprint}: other weights or dimensions. Recompute it on this "
+                              "model or load the model it was made with (to use it anyway, load it without model= "
+                              "and accept the mismatch knowingly).")
+        return
+    if saved in (None, model.name) or name_mismatch == "ignore":
+        return
+    msg = (f"{what} was made with model {saved!r}, not {model.name!r}; recompute it for this model (it carries no "
+           "fingerprint, so only the names could be compared).")
+    if name_mismatch == "error":
+        raise ResultError(msg)
+    warnings.warn(msg, stacklevel=3)
+
+
+def _prompt_list(prompts) -> list:
+    """One prompt (a string or a message list) or a sequence of them, as a non-empty list."""
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], dict)):
+        return [prompts]
+    if prompts is None or isinstance(prompts, (bytes, dict)) or not hasattr(prompts, "__iter__"):
+        raise InputError(f"Prompts must be a string or a list of strings (or of chat message lists), not "
+                         f"{type(prompts).__name__}; pass e.g. ['How was your day?'].")
+    prompts = list(prompts)
+    if not prompts:
+        raise InputError("The prompt list is empty; pass at least one prompt.")
+    for i, p in enumerate(prompts):
+        if not (isinstance(p, str) or (isinstance(p, Sequence) and not isinstance(p, (str, bytes))
+                                       and all(isinstance(m, dict) for m in p))):
+            raise InputError(f"Prompt {i} is {type(p).__name__} ({str(p)[:40]!r}), not a string; pass text "
+                             "(or a list of {'role', 'content'} message dicts) for every prompt.")
+    return prompts
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            import numpy as np
+
+            ok = isinstance(value, np.integer)
+        except ImportError:  # pragma: no cover - numpy ships with torch
+            ok = False
+        if not ok:
+            raise InputError(f"{name}={value!r} is a {type(value).__name__}; pass a positive integer, e.g. "
+                             f"{name}=32.")
+    if int(value) < 1:
+        raise InputError(f"{name}={value}; pass a positive integer (at least 1).")
+    return int(value)
 
 
 def continuation_logprob_from_logits(logits: Float[torch.Tensor, "batch pos vocab"], batch: Batch

@@ -232,7 +232,7 @@ def patch(model, clean, corrupted, metric, *, nodes: str = "resid", candidates: 
     extra = {"stderr": stderr, "patched": patched}
     from .attribution import CONVENTION
 
-    meta = {"model": model.name, "inputs_hash": pairs.inputs_hash, "metric": metric.name, "method": "exact",
+    meta = {**model.meta(), "inputs_hash": pairs.inputs_hash, "metric": metric.name, "method": "exact",
             "n_prompts": n, "convention": CONVENTION, "clean_metric": float(mc.mean()),
             "corrupted_metric": float(mx.mean()), "normalized": normalize, "align": align, "node_group": nodes,
             "resid_site": f"resid_{resid_site}", "n_cells": len(cells), "n_forward_passes": n_forwards,

@@ -68,8 +68,9 @@ def new_run_dir(root: str | Path = "runs", name: str | None = None, overwrite: b
         InputError: ``name`` exists and ``overwrite`` is False, or it is not a run folder, or the
             name is not a plain folder name.
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    from .io import ensure_dir
+
+    root = ensure_dir(root)  # OutputPathError naming the file or read-only folder in the way
     if name is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         for i in range(1, 1000):
@@ -115,6 +116,8 @@ def run_metadata(model=None, settings: dict | None = None, **extra: Any) -> dict
         pass
     if model is not None:
         meta["model"] = getattr(model, "name", str(model))
+        if getattr(model, "fingerprint", None):
+            meta["model_fingerprint"] = model.fingerprint
     if settings:
         meta["settings"] = settings
     meta.update(extra)
@@ -548,7 +551,7 @@ def _gradient_attribution(model, clean: str, corrupted: str, target: str, foil: 
         return ((clean_cache[n] - cache[n].detach()) * g[n]).float()[0]  # [pos, ...]
 
     tokens = model.to_str_tokens(bx)
-    meta = {"model": model.name, "inputs_hash": inputs_hash(clean, corrupted, target, foil),
+    meta = {**model.meta(), "inputs_hash": inputs_hash(clean, corrupted, target, foil),
             "metric": f"logit({target!r}) - logit({foil!r})", "method": "attribution patching (grad × diff)"}
     resid = torch.stack([score(f"blocks.{l}.hook_resid_pre").sum(-1) for l in range(L)])
     heads = torch.stack([score(f"blocks.{l}.attn.hook_z").sum(dim=(0, 2)) for l in range(L)])
@@ -645,7 +648,7 @@ def overview_sections(model, *, quick: bool = False, progress: bool = True, sett
     g = torch.tensor([emotions.index(e) for e in groups])
     vec = torch.stack([diff[g == i].mean(0) for i in range(len(emotions))])  # [emotion, layer, d_model]
     hsh = inputs_hash(pos_txt, neg_txt)
-    meta = {"model": model.name, "inputs_hash": hsh, "method": "mean difference (last token, resid_post)"}
+    meta = {**model.meta(), "inputs_hash": hsh, "method": "mean difference (last token, resid_post)"}
     norms = Result("layers", vec.norm(dim=-1), ("emotion", "layer"), {"emotion": emotions},
                    meta={**meta, "metric": "‖v‖"})
     mid = max(0, round(model.n_layers * 0.3) - 1)
@@ -682,7 +685,7 @@ def overview_sections(model, *, quick: bool = False, progress: bool = True, sett
     mean = lp.mean(1)
     se = lp.std(1, unbiased=True) / max(1, lp.shape[1]) ** 0.5 if lp.shape[1] > 1 else torch.zeros_like(mean)
     curve = Result("curve", mean, ("x",), {"x": strengths}, {"ci_low": mean - 1.96 * se, "ci_high": mean + 1.96 * se},
-                   meta={"model": model.name, "inputs_hash": inputs_hash(openers, cont), "method": f"Add {e0} vector at {site}",
+                   meta={**model.meta(), "inputs_hash": inputs_hash(openers, cont), "method": f"Add {e0} vector at {site}",
                          "metric": "mean log p per token"})
     steer.add_text(f"Adds strength × the {e0} mean-difference vector (layer {layer}, every position) and measures the "
                    f"per-token log-probability of {cont!r} after {len(openers)} conversation openers (band: 95% normal CI "

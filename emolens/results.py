@@ -37,6 +37,54 @@ KINDS = {
 }
 
 
+FORMAT = "emolens.Result"
+
+
+def _tensor_path(path: str | Path) -> Path:
+    p = Path(path)
+    return p.with_suffix(".safetensors") if p.suffix in ("", ".json", ".safetensors") else Path(str(p) + ".safetensors")
+
+
+def saved_path(path: str | Path, what: str) -> Path:
+    """``NAME.safetensors`` for ``NAME``, ``NAME.json`` or ``NAME.safetensors``; other existing files are refused."""
+    p = Path(path)
+    if p.suffix not in ("", ".safetensors", ".json") and p.is_file():
+        raise ResultError(f"{p} is a {p.suffix or 'suffix-less'} file, not saved {what} (NAME.safetensors + NAME.json"
+                          + ("; a llama.cpp .gguf goes through EmotionVectors.from_gguf" if what == "emotion vectors"
+                             else "") + "); pass the .safetensors path.")
+    return p.with_suffix(".safetensors") if p.suffix in ("", ".json", ".safetensors") else Path(str(p) + ".safetensors")
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a safetensors file; :class:`ResultError` naming the file if it is corrupt."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own SafetensorError / OSError on truncated files
+        raise ResultError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:120]}): it is "
+                          "truncated or corrupt. Delete it (and its .json) and recompute it.") from None
+
+
+def read_json(path: str | Path, *, required: bool = True) -> dict:
+    """A JSON object from ``path``; :class:`ResultError` naming the file when missing or corrupt."""
+    path = Path(path)
+    if not path.exists():
+        if required:
+            raise ResultError(f"{path} is missing (saved files come as NAME.safetensors + NAME.json); copy it along "
+                              "or recompute the result.")
+        return {}
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ResultError(f"{path} is not valid JSON ({e}): it is truncated or corrupt. Delete it and recompute "
+                          "it.") from None
+    if not isinstance(obj, dict):
+        raise ResultError(f"{path} holds a JSON {type(obj).__name__}, not an object; pass a file written by emolens.")
+    return obj
+
+
 def inputs_hash(*items: Any) -> str:
     """Short stable hash of the inputs (prompts, pairs, ...) a result was computed on."""
     h = hashlib.sha256()
@@ -103,8 +151,11 @@ class Result:
         n = self.scores.numel()
         if n == 0:
             raise ResultError("This result is empty; nothing to rank.")
-        if not 0 <= k <= n:
-            raise ResultError(f"top({k}) asked for more cells than the result has ({n}).")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ResultError(f"top({k!r}): k must be a non-negative integer (the number of cells to list), e.g. "
+                              "top(10).")
+        if k > n:
+            raise ResultError(f"top({k}) asked for more cells than the result has ({n}); pass k <= {n}.")
         flat = self.scores.flatten()
         key = flat.abs() if by == "abs" else flat
         finite = torch.where(torch.isfinite(key), key, torch.tensor(float("-inf") if largest else float("inf")))
@@ -137,34 +188,42 @@ class Result:
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write ``PATH.safetensors`` + ``PATH.json``; returns the safetensors path."""
-        from safetensors.torch import save_file
+        """Write ``PATH.safetensors`` + ``PATH.json`` atomically; returns the safetensors path.
 
-        p = Path(path)
-        p = p.with_suffix(".safetensors") if p.suffix in ("", ".json", ".safetensors") else Path(str(p) + ".safetensors")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"scores": self.scores.contiguous(), **{f"extra.{k}": v.contiguous() for k, v in self.extra.items()}},
-                  str(p))
-        p.with_suffix(".json").write_text(json.dumps({"kind": self.kind, "axes": list(self.axes),
-                                                      "labels": self.labels, "meta": self.meta},
-                                                     indent=1, default=str))
+        Both carry ``format: emolens.Result``; ``meta`` (model name and fingerprint, inputs hash, ...)
+        goes into the JSON and the safetensors header.
+        """
+        from .io import write_json, write_safetensors
+
+        p = _tensor_path(path)
+        meta = {"format": FORMAT, **{k: str(self.meta[k]) for k in ("model", "model_fingerprint") if k in self.meta}}
+        write_safetensors(p, {"scores": self.scores, **{f"extra.{k}": v for k, v in self.extra.items()}}, meta)
+        write_json(p.with_suffix(".json"), {"format": FORMAT, "kind": self.kind, "axes": list(self.axes),
+                                            "labels": self.labels, "meta": self.meta})
         return p
 
     @classmethod
     def load(cls, path: str | Path, *, model=None) -> "Result":
-        """Load a saved result; with ``model``, check it was computed on that model."""
-        from safetensors.torch import load_file
+        """Load a saved result; with ``model``, refuse one computed on another model (fingerprint, else name)."""
+        from .model import check_model_meta
 
-        p = Path(path).with_suffix(".safetensors")
+        p = saved_path(path, "results")
         if not p.exists():
-            raise ResultError(f"No saved result at {p}.")
-        t = load_file(str(p))
-        info = json.loads(p.with_suffix(".json").read_text())
+            raise ResultError(f"No saved result at {p}; check the path (Result.save writes NAME.safetensors + "
+                              "NAME.json).")
+        t, header = read_safetensors(p)
+        info = read_json(p.with_suffix(".json"))
+        fmt = info.get("format") or header.get("format")
+        if fmt == "emolens.EmotionVectors" or (fmt is None and "emotions" in info):
+            raise ResultError(f"{p} holds emotion vectors, not a Result; load it with "
+                              "emolens.EmotionVectors.load(...).")
+        if "kind" not in info or "axes" not in info or "scores" not in t:
+            raise ResultError(f"{p} is not a saved emolens Result (format {fmt!r}, no kind/axes/scores); pass a file "
+                              "written by Result.save.")
         res = cls(info["kind"], t.pop("scores"), tuple(info["axes"]), info.get("labels", {}),
                   {k[6:]: v for k, v in t.items() if k.startswith("extra.")}, info.get("meta", {}))
-        if model is not None and res.meta.get("model") not in (None, model.name):
-            raise ResultError(f"{p} was computed on {res.meta.get('model')!r}, not {model.name!r}; "
-                              "recompute it for this model.")
+        if model is not None:
+            check_model_meta(res.meta, model, str(p), name_mismatch="error")
         return res
 
     # -- display -------------------------------------------------------------------------------

@@ -212,7 +212,6 @@ def api_index_markdown(mods: list[str]) -> str:
 
 
 def cli_markdown() -> str:
-    import argparse
 
     from emolens import cli
 
@@ -221,12 +220,8 @@ def cli_markdown() -> str:
             __import__(mod)
         except ImportError:
             pass
-    parser = argparse.ArgumentParser(prog="emolens", description="Find and control emotion in language models.")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    subs = {}
-    for name, (help_, add_args, _) in cli.COMMANDS.items():
-        subs[name] = sub.add_parser(name, help=help_, description=help_)
-        add_args(subs[name])
+    parser = cli._top_parser()  # the parsers `emolens` itself uses, with each command's examples
+    subs = {name: cli.build_parser(name) for name in cli.COMMANDS}
     os.environ.setdefault("COLUMNS", "100")
     parts = ["# Command line", "", "`emolens` is installed with the package (`make run` calls `emolens run`).", "",
              "```text", parser.format_help().rstrip(), "```"]

@@ -38,7 +38,7 @@ from ..progress import progress_bar
 from ..results import Result, inputs_hash
 from ..sites import Pos, Site, head, neuron
 from . import _model
-from .directions import SEVStats
+from .directions import SEVStats, _check_model
 
 __all__ = ["neuron_scores_from_stats", "head_scores_from_stats", "neuron_scores", "head_scores",
            "head_scores_masked", "component_curve", "prefix_steppers", "curve_ratio", "layer_direction"]
@@ -64,8 +64,14 @@ def layer_direction(directions: Result, emotion: str, sublayer: str) -> Float[to
     return directions.scores[emos.index(emotion), :, subs.index(sublayer)]
 
 
-def _meta(model_name, metric, method, **kw) -> dict:
-    return {"model": model_name, "metric": metric, "method": method, **kw}
+def _meta(model, metric, method, **kw) -> dict:
+    """``model``: an EmoModel or a SEVStats ``model`` dict (name and fingerprint are recorded)."""
+    if isinstance(model, dict):
+        ident = {"model": model.get("name"), **({"model_fingerprint": model["fingerprint"]}
+                                                 if model.get("fingerprint") else {})}
+    else:
+        ident = model.meta()
+    return {**ident, "metric": metric, "method": method, **kw}
 
 
 # ----------------------------------------------------------------------------------------- neurons
@@ -92,6 +98,7 @@ def neuron_scores_from_stats(model, stats: SEVStats, directions: Result, emotion
         Result kind ``"neurons"`` ``[layer, d_mlp]`` = ``C_mean`` (units: residual-stream projection),
         extra ``C_pos``, ``C_neg``, ``beta``, ``H_mean``.
     """
+    _check_model(stats.model, model)  # statistics of another model (even of the same width) are refused
     if emotion not in stats.emotions:
         raise InputError(f"No statistics for {emotion!r}; have {list(stats.emotions)}.")
     e = stats.emotions.index(emotion)
@@ -108,7 +115,7 @@ def neuron_scores_from_stats(model, stats: SEVStats, directions: Result, emotion
     c_neg = torch.where(beta >= 0, beta * neg, -beta * pos)
     return Result("neurons", c_mean, ("layer", "neuron"), {},
                   {"C_pos": c_pos, "C_neg": c_neg, "beta": beta, "H_mean": stats.sums["a_all"][e].float() / n},
-                  _meta(stats.model.get("name"), "C_mean (activation x beta)", "analytic decomposition (paper 2 4a)",
+                  _meta(stats.model, "C_mean (activation x beta)", "analytic decomposition (paper 2 4a)",
                         emotion=emotion, samples=int(n), inputs_hash=stats.meta.get("inputs_hash")))
 
 
@@ -150,7 +157,7 @@ def neuron_scores(model, prompts, direction, *, batch_size: int = 16, progress: 
     n = len(prompts)
     return Result("neurons", acc["c"] / n, ("layer", "neuron"), {},
                   {"C_pos": acc["pos"] / n, "C_neg": acc["neg"] / n, "beta": beta, "H_mean": acc["a"] / n},
-                  _meta(model.name, "C_mean (activation x beta)", "analytic decomposition (paper 2 4a)", samples=n,
+                  _meta(model, "C_mean (activation x beta)", "analytic decomposition (paper 2 4a)", samples=n,
                         inputs_hash=inputs_hash(prompts)))
 
 
@@ -165,6 +172,7 @@ def head_scores_from_stats(model, stats: SEVStats, directions: Result, emotion: 
         InputError: the model has a post-attention norm (the closed form is not linear there; use
             :func:`head_scores`).
     """
+    _check_model(stats.model, model)
     if any(_model.post_attn_norm(model, l) is not None for l in range(model.n_layers)):
         raise InputError(f"{model.architecture} normalises the attention output before the residual add, so head "
                          "scores are not linear in z; use head_scores(model, prompts, direction) instead.")
@@ -184,7 +192,7 @@ def head_scores_from_stats(model, stats: SEVStats, directions: Result, emotion: 
             stds.append((second - m ** 2).clamp(min=0).sqrt())
     extra = {"std_importance": torch.stack(stds)} if stds else {}
     return Result("heads", torch.stack(means).float(), ("layer", "head"), {}, extra,
-                  _meta(stats.model.get("name"), "mean_importance (drop of resid_mid . v_attn)",
+                  _meta(stats.model, "mean_importance (drop of resid_mid . v_attn)",
                         "closed form from streaming z moments (paper 2 4b)", emotion=emotion, samples=int(n),
                         inputs_hash=stats.meta.get("inputs_hash")))
 
@@ -243,7 +251,7 @@ def head_scores(model, prompts, direction, *, batch_size: int = 16, progress: bo
     n = len(prompts)
     m = s1 / n
     return Result("heads", m, ("layer", "head"), {}, {"std_importance": (s2 / n - m ** 2).clamp(min=0).sqrt()},
-                  _meta(model.name, "mean_importance (drop of resid_mid . v_attn)",
+                  _meta(model, "mean_importance (drop of resid_mid . v_attn)",
                         "closed form, one cached pass (paper 2 4b)", samples=n, inputs_hash=inputs_hash(prompts)))
 
 
@@ -282,7 +290,7 @@ def head_scores_masked(model, prompts, direction, *, batch_size: int = 16, progr
     n = len(prompts)
     m = s1 / n
     return Result("heads", m, ("layer", "head"), {}, {"std_importance": (s2 / n - m ** 2).clamp(min=0).sqrt()},
-                  _meta(model.name, "mean_importance (drop of resid_mid . v_attn)",
+                  _meta(model, "mean_importance (drop of resid_mid . v_attn)",
                         "masked passes, 1 + L*H per batch (paper 2 4b reference)", samples=n,
                         inputs_hash=inputs_hash(prompts)))
 
@@ -419,7 +427,7 @@ def component_curve(model, prompts, scores: Result, direction, *, kind: str, lay
         if name == "random":
             extra["draw_std"] = torch.tensor([float(np.std(rand_draw_means[k] / n)) for k in ks])
         out[name] = Result("curve", torch.tensor(means), ("k",), {"k": ks}, extra,
-                           _meta(model.name, f"change of {read_site} . v at t*", f"{mode} {name}-k {kind}s "
+                           _meta(model, f"change of {read_site} . v at t*", f"{mode} {name}-k {kind}s "
                                  f"(paper 2 4c, best reading)", layer=layer, kind=kind, mode=mode, scale=scale,
                                  n_random=n_random, seed=seed, samples=n, top_components=order[:max(ks)],
                                  inputs_hash=inputs_hash(prompts)))

@@ -179,28 +179,30 @@ class SEVStats:
         return c - c.mean(0, keepdim=True)
 
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
+        """Write ``PATH.safetensors`` + ``PATH.json`` atomically (temp file, fsync, rename)."""
+        from ..io import write_json, write_safetensors
 
         p = Path(path).with_suffix(".safetensors")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        t = {f"sum.{k}": v.contiguous() for k, v in self.sums.items()}
+        t = {f"sum.{k}": v for k, v in self.sums.items()}
         t.update({"n_complete": self.n_complete, "n_all": self.n_all})
-        t.update({f"pca.{l}": v.contiguous() for l, v in self.pca.items()})
-        save_file(t, str(p))
-        p.with_suffix(".json").write_text(json.dumps({
+        t.update({f"pca.{l}": v for l, v in self.pca.items()})
+        write_safetensors(p, t, {"format": "emolens.SEVStats"})
+        write_json(p.with_suffix(".json"), {
             "emotions": list(self.emotions), "model": self.model, "final_norm": self.final_norm,
-            "pca_emotions": self.pca_emotions, "meta": self.meta}, indent=1))
+            "pca_emotions": self.pca_emotions, "meta": self.meta})
         return p
 
     @classmethod
     def load(cls, path: str | Path) -> "SEVStats":
-        from safetensors.torch import load_file
+        from ..results import read_json, read_safetensors
 
         p = Path(path).with_suffix(".safetensors")
         if not p.exists():
             raise ResultError(f"No saved SEV statistics at {p}.")
-        t = load_file(str(p))
-        info = json.loads(p.with_suffix(".json").read_text())
+        t, _ = read_safetensors(p)  # ResultError naming the file when truncated or corrupt
+        info = read_json(p.with_suffix(".json"))
+        if "emotions" not in info or "model" not in info or "n_complete" not in t:
+            raise ResultError(f"{p} is not saved SEV statistics (SEVStats.save); pass the right file or recompute.")
         sums = {k[4:]: v for k, v in t.items() if k.startswith("sum.")}
         pca = {int(k[4:]): v for k, v in t.items() if k.startswith("pca.")}
         return cls(tuple(info["emotions"]), info["model"], sums, t["n_complete"], t["n_all"], info["final_norm"],
@@ -208,6 +210,11 @@ class SEVStats:
 
 
 def _check_model(stats_model: dict, model) -> None:
+    fp = stats_model.get("fingerprint")
+    if fp and fp != model.fingerprint:
+        raise ResultError(f"These statistics were computed on {stats_model.get('name')!r} (fingerprint {fp}), but "
+                          f"{model.name!r} has fingerprint {model.fingerprint}: other weights. Recompute them for "
+                          "this model.")
     for k in ("n_layers", "d_model", "d_mlp", "n_heads", "d_head"):
         if stats_model.get(k) != getattr(model, k):
             raise ResultError(f"These statistics were computed on {stats_model.get('name')!r} ({k}="
@@ -345,6 +352,7 @@ def collect_sev_stats(model, prompts: PromptSet, *, accepted: Mapping[tuple, boo
             n_all.index_add_(0, e_idx, torch.ones(len(idx), dtype=torch.float64))
             pca_emotions += [prompts.emotions[i] for i in idx]
     info = {k: getattr(model, k) for k in ("name", "n_layers", "d_model", "d_mlp", "n_heads", "d_head")}
+    info["fingerprint"] = model.fingerprint
     out = {k: torch.stack(v).transpose(0, 1).contiguous().cpu() for k, v in sums.items()}
     n_c = n_complete.clamp(min=1)
     out["rms"] = (rms / n_c.sum()).cpu()
@@ -355,7 +363,8 @@ def collect_sev_stats(model, prompts: PromptSet, *, accepted: Mapping[tuple, boo
 
 
 def _meta(stats: SEVStats, metric: str, method: str) -> dict:
-    return {"model": stats.model.get("name"), "inputs_hash": stats.meta.get("inputs_hash"), "metric": metric,
+    fp = {"model_fingerprint": stats.model["fingerprint"]} if stats.model.get("fingerprint") else {}
+    return {"model": stats.model.get("name"), **fp, "inputs_hash": stats.meta.get("inputs_hash"), "metric": metric,
             "method": method, "n_groups": stats.n_groups, "final_norm": stats.final_norm}
 
 

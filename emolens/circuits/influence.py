@@ -177,7 +177,7 @@ def sublayer_influence(model, prompts, directions: Result, sig: Result, emotions
         out[e] = Result("sublayers", I.float(), ("layer", "sublayer"), {"sublayer": list(SUBLAYERS)},
                         {"I_norm": (I / total if abs(total) > 1e-12 else torch.zeros_like(I)).float(),
                          "alpha_std": per_alpha.std(0, unbiased=False).float(), "dose": sg.float()},
-                        {"model": model.name, "metric": "d(h_final . v_ref) / dose",
+                        {**model.meta(), "metric": "d(h_final . v_ref) / dose",
                          "method": "sigma-scaled pulses at t* into sublayer outputs (paper 2 step 6)",
                          "emotion": e, "alphas": alphas, "ref_layers": list(ref_layers), "s_base": base,
                          "per_alpha": per_alpha.float().tolist(), "samples": n, "final_norm": final_norm,

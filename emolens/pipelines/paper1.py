@@ -887,7 +887,11 @@ def steer_cli(args) -> int:
         raise InputError("--emotion is empty; name at least one emotion, e.g. --emotion joy,trust.")
     name = "+".join(emotions)
     layer, strength, position, mode = args.layer, args.strength, args.position, args.mode
-    window = tuple(int(x) for x in args.window.split(",") if x.strip())
+    try:
+        window = tuple(int(x) for x in args.window.split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"--window {args.window!r}: pass comma-separated token offsets from the prompt end, "
+                         "e.g. --window -3,-2,-1.") from None
     vecs = None
     if args.run:
         root = Path(args.run) / "paper1"
