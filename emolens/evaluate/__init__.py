@@ -16,6 +16,7 @@ from .judges import (
     EMOTIONS,
     Judge,
     MiniLMEncoder,
+    NADEJudge,
     NRCJudge,
     OpenAIJudge,
     ProbeJudge,
@@ -35,6 +36,8 @@ from .lexicon import (
 )
 from .fluency import corpus_perplexity, perplexity, reply_nll
 from .server import model_generate_fn, serve
+from .agreement import (JudgeEnsemble, accuracy_table, cohen_kappa, fleiss_kappa, intervals_overlap, majority_vote,
+                        pairwise_kappa, wilson_interval)
 from .stats import PairedTest, bootstrap_ci, holm, paired_test, results_table
 
 __all__ = [
@@ -44,6 +47,7 @@ __all__ = [
     "Judge",
     "Verdict",
     "NRCJudge",
+    "NADEJudge",
     "ProbeJudge",
     "OpenAIJudge",
     "MiniLMEncoder",
@@ -62,5 +66,7 @@ __all__ = [
     "holm",
     "results_table",
     "serve",
+    "JudgeEnsemble", "accuracy_table", "cohen_kappa", "fleiss_kappa", "intervals_overlap", "majority_vote",
+    "pairwise_kappa", "wilson_interval",
     "model_generate_fn",
 ]
