@@ -182,3 +182,41 @@ def test_side_effect_card_and_selection_rule():
     assert select_operating_point(rows, g)["value"] == 1.0  # best passing; tie -> weaker
     assert select_operating_point([rows[1]], g) is None
     assert Guards.from_dict(g.to_dict()) == g
+
+
+# ----------------------------------------------------------------------------- circuit attention viz
+def test_circuit_attention_section_patterns_match_bridge_cache(tiny_llama):
+    import torch
+
+    from emolens.circuits.assembly import Circuit
+    from emolens.report import ReportView
+    from emolens.viz.circuit_attention import circuit_attention_section, reply_head_patterns, top_circuit_heads
+
+    m = tiny_llama
+    dims = {"name": m.name, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_head": m.d_head, "d_mlp": m.d_mlp,
+            "d_model": m.d_model}
+    c = Circuit("anger", dims, {0: [1]}, {0: [0, 2], 2: [1]})
+    scores = torch.zeros(m.n_layers, m.n_heads)
+    scores[0, 2], scores[2, 1], scores[0, 0] = 3.0, 2.0, 1.0
+    assert top_circuit_heads(c, scores, k=2) == [(0, 2), (2, 1)]
+    assert top_circuit_heads(c, None, k=1) == [(2, 1)]  # no scores: deepest layer first
+
+    view = reply_head_patterns(m, "hello there", "general kenobi", [(0, 2), (2, 1)], max_tokens=None)
+    b = m.encode(["hello there"], continuations=["general kenobi"])
+    with torch.no_grad():
+        _, cache = m.bridge.run_with_cache(b.input_ids, attention_mask=b.attention_mask)
+    off = int(b.pad_offset[0])
+    for i, (L, h) in enumerate([(0, 2), (2, 1)]):
+        ref = cache[f"blocks.{L}.attn.hook_pattern"][0, h, off:, off:].float()
+        torch.testing.assert_close(view.pattern[i], ref, atol=1e-5, rtol=1e-4)
+    assert len(view.tokens) == b.input_ids.shape[1] - off
+    short = reply_head_patterns(m, "hello there", "general kenobi", [(0, 2)], max_tokens=3)
+    assert short.pattern.shape == (1, 3, 3) and short.tokens == view.tokens[-3:]
+
+    sec = circuit_attention_section(m, {"anger": c}, {"anger": ("hello there", "general kenobi")},
+                                    head_scores=scores, k=2)
+    assert len(sec.figures) == 1 and sec.tables[0][1]["heads"].tolist() == ["L0H2, L2H1"]
+    html = ReportView([sec], title="t")._repr_html_()
+    assert "CircuitsVis.render" in html and "unpkg.com" not in html
+    with pytest.raises(InputError):
+        circuit_attention_section(m, {"anger": c}, {"fear": ("x", "y")})
