@@ -12,7 +12,7 @@ Protocol (fixed before any run):
 2. Calibration on *other* analysis records (``--calib-records``, neutral valence): each method's
    strength is swept and chosen by :func:`emolens.evaluate.side_effects.select_operating_point`:
    highest majority-vote accuracy subject to the guards (perplexity ratio <= 4, restatement <= 20 %,
-   emotion-name rate <= 30 %, retention drop <= 10 points on 12 retention questions).
+   emotion-name rate <= 30 %, retention drop <= 10 points on 6 retention questions).
 3. Test (``--test``, default the project's test split; neutral valence): every method once, at its
    chosen point; judges: NRC lexicon, NADE, MiniLM probe (+ an OpenAI-compatible LLM judge when
    ``--judge-url`` is given); majority vote; Wilson 95 % intervals; side-effect cards with all 50
@@ -87,20 +87,20 @@ def main(argv=None) -> int:
     ap.add_argument("--test", default=None, help="SEV-format test JSONL (default: emolens/data/sev_test.jsonl)")
     ap.add_argument("--analysis", default=None, help="SEV-format analysis JSONL (default: sev_analysis.jsonl)")
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--test-records", type=int, default=16)
+    ap.add_argument("--test-records", type=int, default=8)
     ap.add_argument("--valence", default="neutral")
-    ap.add_argument("--stats-records", type=int, default=24)
-    ap.add_argument("--influence-samples", type=int, default=12)
-    ap.add_argument("--calib-records", type=int, default=6)
+    ap.add_argument("--stats-records", type=int, default=12)
+    ap.add_argument("--influence-samples", type=int, default=8)
+    ap.add_argument("--calib-records", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--budget", type=float, default=10.0, help="circuit budget per sublayer (paper: 10)")
     ap.add_argument("--min-neurons", type=int, default=4)
     ap.add_argument("--min-heads", type=int, default=2)
     ap.add_argument("--gen-batch", type=int, default=48)
-    ap.add_argument("--steer-alphas", default="0.5,1,2")
-    ap.add_argument("--circuit-scales", default="2,3,4")
-    ap.add_argument("--reply-scales", default="2,4,6")
-    ap.add_argument("--story-alphas", default="1,2,4")
+    ap.add_argument("--steer-alphas", default="1,2")
+    ap.add_argument("--circuit-scales", default="2,4")
+    ap.add_argument("--reply-scales", default="4,8")
+    ap.add_argument("--story-alphas", default="1,2")
     ap.add_argument("--system", default=CHAT_SYSTEM)
     ap.add_argument("--paper-prompt", action="store_true", help="use the paper's neutral system prompt")
     ap.add_argument("--judge-url", default=None)
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     guards = Guards()
     gen_kw = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": 8, "repetition_penalty": 1.1,
               "no_repeat_ngram_size": 3}
-    qa_kw = {"max_new_tokens": 16, "repetition_penalty": 1.1, "no_repeat_ngram_size": 3}
+    qa_kw = {"max_new_tokens": 12, "repetition_penalty": 1.1, "no_repeat_ngram_size": 3}
     cfg = {k: v for k, v in vars(args).items() if k not in ("out", "judge_url", "judge_model")}
     cfg.update(system_used=system, gen_kw=gen_kw, guards=guards.to_dict(), v=1)
     cache = Cache(Path(args.out), cfg)
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- calibration (analysis data only)
     cps = neu_prompts(calib_items, EMOS, system)
     users_c = [it.user for it in cps.items]
-    qa_cal = qa[::4][:12]  # 12 of the 50 questions
+    qa_cal = qa[::8][:6]  # 6 of the 50 questions
     cal = cache.get("calibration")
     if cal is None:
         t0 = time.time()
