@@ -220,3 +220,44 @@ def test_circuit_attention_section_patterns_match_bridge_cache(tiny_llama):
     assert "CircuitsVis.render" in html and "unpkg.com" not in html
     with pytest.raises(InputError):
         circuit_attention_section(m, {"anger": c}, {"fear": ("x", "y")})
+
+
+# ----------------------------------------------------------------------------- control variants
+def test_confound_basis_hand_case():
+    import torch
+
+    from emolens.circuits.control import confound_basis
+
+    # variance 9 along e0, 1 along e1, 0 elsewhere: 90 % on e0
+    acts = torch.tensor([[3.0, 1.0, 0.0], [-3.0, -1.0, 0.0], [3.0, -1.0, 0.0], [-3.0, 1.0, 0.0]])
+    b = confound_basis(acts, var_frac=0.5)
+    assert b.shape == (1, 3)
+    torch.testing.assert_close(b[0].abs(), torch.tensor([1.0, 0.0, 0.0]))
+    assert confound_basis(acts, var_frac=0.95).shape[0] == 2
+    assert confound_basis(acts, var_frac=0.95, max_k=1).shape[0] == 1
+
+
+def test_story_directions_unit_centred_and_confound_free(tiny_llama):
+    import torch
+
+    from emolens.circuits.control import confound_basis, story_directions
+    from emolens.capture import capture
+    from emolens.sites import Pos, resid
+
+    m = tiny_llama
+    emos = ("anger", "sadness")
+    stories = [("he shouted and slammed the door", "anger"), ("they lied and I yelled", "anger"),
+               ("she cried alone at the grave", "sadness"), ("the empty chair at dinner", "sadness")]
+    neutral = ["the bus leaves at nine", "bring the report on tuesday", "the shop sells bread and milk"]
+    d = story_directions(m, neutral, stories=stories, emotions=emos, var_frac=0.5)
+    assert tuple(d.scores.shape) == (2, m.n_layers, 2, m.d_model)
+    torch.testing.assert_close(d.scores.norm(dim=-1), torch.ones(2, m.n_layers, 2), atol=1e-4, rtol=0)
+    # two emotions, centred: the directions are opposite
+    torch.testing.assert_close(d.scores[0], -d.scores[1], atol=1e-4, rtol=0)
+    # independent recomputation of the confound basis at one layer: the direction is orthogonal to it
+    L = m.n_layers - 1
+    neu = capture(m, neutral, [resid(L, "post")], pos=Pos.prompt(), reduce="group_mean", groups=list(range(3)),
+                  progress=False)
+    basis = confound_basis(neu[str(resid(L, "post"))].double(), 0.5, 8).float()
+    assert basis.shape[0] == d.meta["n_confound"][L] >= 1
+    assert (basis @ d.scores[0, L, 1]).abs().max() < 1e-4
