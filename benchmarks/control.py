@@ -135,7 +135,11 @@ def main(argv=None) -> int:
     cfg = {k: v for k, v in vars(args).items() if k not in ("out", "judge_url", "judge_model")}
     cfg.update(system_used=system, gen_kw=gen_kw, guards=guards.to_dict(), v=1)
     cache = Cache(Path(args.out), cfg)
-    log("cache", cache.dir)
+    # the analysis step depends only on these: reruns with other sweeps or test files reuse it
+    akeys = ("analysis", "model", "stats_records", "influence_samples", "valence", "budget", "min_neurons",
+             "min_heads")
+    acache = Cache(Path(args.out) / "analysis", {**{k: cfg[k] for k in akeys}, "system_used": system, "v": 1})
+    log("cache", cache.dir, "analysis cache", acache.dir)
 
     model = emolens.load_model(args.model)
     L = model.n_layers
@@ -161,7 +165,7 @@ def main(argv=None) -> int:
     log("judge accuracy on judge_eval.jsonl:\n" + pd.DataFrame(judge_rows).round(3).to_string(index=False))
 
     # ---------------------------------------------------------------- analysis
-    adir = cache.dir / "analysis"
+    adir = acache.dir
     if (adir / "done").is_file():
         directions = Result.load(adir / "directions")
         dmu_mlp, dmu_attn = Result.load(adir / "dmu_mlp"), Result.load(adir / "dmu_attn")
