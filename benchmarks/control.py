@@ -12,7 +12,7 @@ Protocol (fixed before any run):
 2. Calibration on *other* analysis records (``--calib-records``, neutral valence): each method's
    strength is swept and chosen by :func:`emolens.evaluate.side_effects.select_operating_point`:
    highest majority-vote accuracy subject to the guards (perplexity ratio <= 4, restatement <= 20 %,
-   emotion-name rate <= 30 %, retention drop <= 10 points on 6 retention questions).
+   emotion-name rate <= 30 %, retention drop <= 10 points on ``--calib-retention`` retention questions).
 3. Test (``--test``, default the project's test split; neutral valence): every method once, at its
    chosen point; judges: NRC lexicon, NADE, MiniLM probe (+ an OpenAI-compatible LLM judge when
    ``--judge-url`` is given); majority vote; Wilson 95 % intervals; side-effect cards with all 50
@@ -92,6 +92,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stats-records", type=int, default=12)
     ap.add_argument("--influence-samples", type=int, default=8)
     ap.add_argument("--calib-records", type=int, default=4)
+    ap.add_argument("--calib-retention", type=int, default=6,
+                    help="retention questions used in calibration (6 = the recorded run; one question is then "
+                         "16.7 points, too coarse for a 10-point guard: use >= 25 when CPU time allows)")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--budget", type=float, default=10.0, help="circuit budget per sublayer (paper: 10)")
     ap.add_argument("--min-neurons", type=int, default=4)
@@ -244,7 +247,8 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- calibration (analysis data only)
     cps = neu_prompts(calib_items, EMOS, system)
     users_c = [it.user for it in cps.items]
-    qa_cal = qa[::8][:6]  # 6 of the 50 questions
+    step = max(1, len(qa) // max(1, args.calib_retention))
+    qa_cal = qa[::step][:args.calib_retention]  # spread over the 50 questions (default 6: qa[::8])
     cal = cache.get("calibration")
     if cal is None:
         t0 = time.time()
