@@ -5,8 +5,13 @@ a local OpenAI-compatible server.
   (``score_texts`` combines them). The NRC lexicon is research-use only; cite Mohammad & Turney
   (2013), Computational Intelligence 29(3):436-465.
 * :mod:`.stats` - paired t / Wilcoxon tests, Cohen's d_z, seeded bootstrap CIs, ``results_table``.
-* :mod:`.judges` - ``NRCJudge``, ``ProbeJudge`` (MiniLM + linear head) and ``OpenAIJudge``
-  (paper 2's rubric over HTTP), plus ``evaluate_judge``.
+* :mod:`.judges` - ``NRCJudge``, ``NADEJudge`` (NADE intensities relative to a neutral baseline),
+  ``ProbeJudge`` (MiniLM + linear head) and ``OpenAIJudge`` (paper 2's rubric over HTTP), plus
+  ``evaluate_judge``.
+* :mod:`.agreement` - ``JudgeEnsemble`` (majority vote over judges), Cohen's / Fleiss' kappa,
+  Wilson intervals, ``accuracy_table``.
+* :mod:`.side_effects` - the side-effect card of a control result (perplexity ratio, distinct-2,
+  restatement rate, emotion-name rate, task retention), ``Guards`` and the guarded selection rule.
 * :mod:`.server` - ``serve(generate_fn)`` exposes any generator at ``/v1/chat/completions``.
 
 Heavy dependencies (torch, transformers) are imported only when a ProbeJudge is used.
@@ -16,6 +21,7 @@ from .judges import (
     EMOTIONS,
     Judge,
     MiniLMEncoder,
+    NADEJudge,
     NRCJudge,
     OpenAIJudge,
     ProbeJudge,
@@ -35,6 +41,8 @@ from .lexicon import (
 )
 from .fluency import corpus_perplexity, perplexity, reply_nll
 from .server import model_generate_fn, serve
+from .agreement import (JudgeEnsemble, accuracy_table, cohen_kappa, fleiss_kappa, intervals_overlap, majority_vote,
+                        pairwise_kappa, wilson_interval)
 from .stats import PairedTest, bootstrap_ci, holm, paired_test, results_table
 
 __all__ = [
@@ -44,6 +52,7 @@ __all__ = [
     "Judge",
     "Verdict",
     "NRCJudge",
+    "NADEJudge",
     "ProbeJudge",
     "OpenAIJudge",
     "MiniLMEncoder",
@@ -62,5 +71,7 @@ __all__ = [
     "holm",
     "results_table",
     "serve",
+    "JudgeEnsemble", "accuracy_table", "cohen_kappa", "fleiss_kappa", "intervals_overlap", "majority_vote",
+    "pairwise_kappa", "wilson_interval",
     "model_generate_fn",
 ]

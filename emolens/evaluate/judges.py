@@ -49,6 +49,7 @@ __all__ = [
     "NRCJudge",
     "MiniLMEncoder",
     "ProbeJudge",
+    "NADEJudge",
     "OpenAIJudge",
     "SYSTEM_PROMPT",
     "USER_TEMPLATE",
@@ -459,6 +460,79 @@ class ProbeJudge(Judge):
         for i, (lab, target) in enumerate(zip(labels, targets)):
             score = float(proba.iloc[i][target]) if target in proba.columns else 0.0
             out.append(Verdict(lab == target, lab, score))
+        return out
+
+
+# --------------------------------------------------------------------------- NADE
+
+_NADE = {}
+
+
+def _nade():
+    if "model" not in _NADE:
+        try:
+            import warnings as _w
+
+            from nade import Nade
+        except ImportError as e:
+            raise MissingDependencyError(
+                f"NADEJudge needs the `nade` package ({e}); run `pip install nade==0.3.1` (its wheel ships the "
+                "fastText and LightGBM models, no download)") from None
+        with _w.catch_warnings():
+            _w.simplefilter("ignore")  # "unpack {emotion} model" on the first use
+            try:
+                _NADE["model"] = Nade()
+            except OSError as e:
+                raise MissingDependencyError(
+                    f"NADE could not unpack its models ({e}); on first use it writes next to its package, so the "
+                    "environment must be writable once (run `python -c 'import nade; nade.Nade()'` as its owner)"
+                ) from None
+    return _NADE["model"]
+
+
+#: NADE (Plutchik-8) category used for each emotion.
+NADE_CATEGORY: dict[str, str] = {e: ("joy" if e == "happiness" else e) for e in EMOTIONS}
+
+
+class NADEJudge(Judge):
+    """NADE (Hotz-Behofsits 2024, MIT; fastText emoji model + LightGBM regressors shipped in its wheel).
+
+    NADE gives Plutchik-8 intensities and has no neutral class; plain neutral text already scores
+    mildly on joy and anticipation. So the judge reads each of the six emotions *relative to a
+    neutral baseline*: ``label = argmax_e (I_e(text) - b_e)`` with ``b_e`` the mean intensity over
+    neutral reference texts (default: the ``neutral`` sentences of ``emolens/data/judge_train.jsonl``).
+    A text with no emotion above its baseline gets label ``"none"``. ``score`` is the target's
+    baseline-corrected intensity.
+    """
+
+    def __init__(self, neutral_texts: Sequence[str] | None = None):
+        if neutral_texts is None:
+            neutral_texts = [t for t, e in load_labelled(DATA_DIR / "judge_train.jsonl", allowed=None) if e == "neutral"]
+        neutral_texts = list(neutral_texts)
+        if not neutral_texts:
+            raise InputError("NADEJudge: pass at least one neutral reference text (neutral_texts=...)")
+        self.baseline = self.intensities(neutral_texts).mean(axis=0)
+
+    @staticmethod
+    def intensities(texts: Sequence[str]) -> np.ndarray:
+        """``[n, 6]`` NADE intensities in :data:`EMOTIONS` order."""
+        texts = [t if t.strip() else "." for t in texts]  # NADE cannot embed an empty string
+        pred = _nade().predict(list(texts))
+        cols = [np.asarray(pred[NADE_CATEGORY[e]].to_pylist() if hasattr(pred[NADE_CATEGORY[e]], "to_pylist")
+                           else pred[NADE_CATEGORY[e]], dtype=float) for e in EMOTIONS]
+        return np.stack(cols, axis=1)
+
+    def judge(self, texts, targets) -> list[Verdict]:
+        texts, targets = _check_pairs(texts, targets, self.emotions, "NADEJudge")
+        rel = self.intensities(texts) - self.baseline
+        out = []
+        for row, target in zip(rel, targets):
+            score = float(row[EMOTIONS.index(target)])
+            i = int(np.argmax(row))
+            if row[i] <= 0:
+                out.append(Verdict(False, "none", score))
+            else:
+                out.append(Verdict(EMOTIONS[i] == target, EMOTIONS[i], score))
         return out
 
 

@@ -13,6 +13,7 @@ Figures display inline in Jupyter; :func:`to_html` gives an offline-safe HTML sn
 from __future__ import annotations
 
 from .attention import AttentionView, attention_heads_html, bundle_script, head_patterns, standalone_html
+from .circuit_attention import circuit_attention_section, reply_head_patterns, top_circuit_heads
 from .plots import (DIVERGING, SEQUENTIAL, circuit_allocation, cosine_heatmap, curves, display_token,
                     heads_heatmap, layer_lines, matrix_heatmap, neurons_heatmap, pca_scatter, plot, resid_heatmap,
                     sublayer_influence)
@@ -20,7 +21,8 @@ from .plots import (DIVERGING, SEQUENTIAL, circuit_allocation, cosine_heatmap, c
 __all__ = ["plot", "heads_heatmap", "neurons_heatmap", "resid_heatmap", "curves", "sublayer_influence",
            "cosine_heatmap", "matrix_heatmap", "pca_scatter", "circuit_allocation", "layer_lines", "display_token",
            "DIVERGING", "SEQUENTIAL", "AttentionView", "head_patterns", "attention_heads_html", "bundle_script",
-           "standalone_html", "to_html", "notebook_html", "NOTEBOOK_PLOTLYJS"]
+           "standalone_html", "to_html", "circuit_attention_section", "reply_head_patterns",
+           "top_circuit_heads", "notebook_html", "NOTEBOOK_PLOTLYJS"]
 
 #: How notebook HTML (``Result._repr_html_``, :func:`notebook_html`) gets plotly.js:
 #: ``"once"`` embeds it in the first figure of the session and reuses it (offline-safe, one 4.7 MB

@@ -1,0 +1,403 @@
+"""Acceptance benchmark for emotion control (issue 10): prompting, steering, circuit modulation and
+generalising variants, on a SEV-format test file, judged by an ensemble of independent judges,
+each with a side-effect card.
+
+    python benchmarks/control.py [--test PATH] [--judge-url http://127.0.0.1:8000/v1 --judge-model M]
+
+Protocol (fixed before any run):
+1. Analysis (``--analysis``, default the project's analysis split): streaming statistics over
+   P_emo prompts of ``--stats-records`` records (all valences) -> directions, difference vectors,
+   component scores, sublayer influence, circuits (paper 2 steps 2-7, library functions of
+   emolens.circuits); story directions (Sofroniew-style, :mod:`emolens.circuits.control`).
+2. Calibration on *other* analysis records (``--calib-records``, neutral valence): each method's
+   strength is swept and chosen by :func:`emolens.evaluate.side_effects.select_operating_point`:
+   highest majority-vote accuracy subject to the guards (perplexity ratio <= 4, restatement <= 20 %,
+   emotion-name rate <= 30 %, retention drop <= 10 points on ``--calib-retention`` retention questions).
+3. Test (``--test``, default the project's test split; neutral valence): every method once, at its
+   chosen point; judges: NRC lexicon, NADE, MiniLM probe (+ an OpenAI-compatible LLM judge when
+   ``--judge-url`` is given); majority vote; Wilson 95 % intervals; side-effect cards with all 50
+   retention questions.
+
+All prompts use one neutral system prompt (``--system``; default a conversational one: under the
+paper's "Keep the reply to at most two sentences." SmolLM2-135M restates/edits the user's text in
+~80 % of unsteered replies, which no control method can then fix). ``--paper-prompt`` uses the
+paper's. The last line is the RESULT line. Intermediate results are cached under ``--out`` keyed by
+the configuration, so a rerun with the same configuration resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402,F401  (threads, offline env)
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+EMOS = ("anger", "sadness", "happiness", "fear", "surprise", "disgust")
+CHAT_SYSTEM = ("You are talking with a friend who tells you what happened to them. "
+               "Respond to them in at most two sentences.")
+PAPER_SYSTEM = "Keep the reply to at most two sentences."
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+def round_robin(records, n):
+    by = {}
+    for r in records:
+        by.setdefault(r["theme"], []).append(r)
+    out = []
+    while any(by.values()) and len(out) < n:
+        for t in list(by):
+            if by[t] and len(out) < n:
+                out.append(by[t].pop(0))
+    return out
+
+
+class Cache:
+    def __init__(self, root: Path, cfg: dict):
+        h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+        self.dir = root / h
+        self.dir.mkdir(parents=True, exist_ok=True)
+        from emolens.io import write_json
+        write_json(self.dir / "config.json", cfg)
+
+    def get(self, name):
+        p = self.dir / f"{name}.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def put(self, name, obj):
+        from emolens.io import write_json
+        write_json(self.dir / f"{name}.json", obj)
+        return obj
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--test", default=None, help="SEV-format test JSONL (default: emolens/data/sev_test.jsonl)")
+    ap.add_argument("--analysis", default=None, help="SEV-format analysis JSONL (default: sev_analysis.jsonl)")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--test-records", type=int, default=8)
+    ap.add_argument("--valence", default="neutral")
+    ap.add_argument("--stats-records", type=int, default=12)
+    ap.add_argument("--influence-samples", type=int, default=8)
+    ap.add_argument("--calib-records", type=int, default=4)
+    ap.add_argument("--calib-retention", type=int, default=6,
+                    help="retention questions used in calibration (6 = the recorded run; one question is then "
+                         "16.7 points, too coarse for a 10-point guard: use >= 25 when CPU time allows)")
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--budget", type=float, default=10.0, help="circuit budget per sublayer (paper: 10)")
+    ap.add_argument("--min-neurons", type=int, default=4)
+    ap.add_argument("--min-heads", type=int, default=2)
+    ap.add_argument("--gen-batch", type=int, default=48)
+    ap.add_argument("--steer-alphas", default="1,2")
+    ap.add_argument("--circuit-scales", default="2,4")
+    ap.add_argument("--reply-scales", default="4,8")
+    ap.add_argument("--story-alphas", default="1,2")
+    ap.add_argument("--system", default=CHAT_SYSTEM)
+    ap.add_argument("--paper-prompt", action="store_true", help="use the paper's neutral system prompt")
+    ap.add_argument("--judge-url", default=None)
+    ap.add_argument("--judge-model", default="gpt-4o-mini")
+    ap.add_argument("--out", default=os.environ.get("EMOLENS_BENCH_OUT", "/tmp/emolens-bench-control"))
+    args = ap.parse_args(argv)
+    t_all = time.time()
+
+    import emolens
+    from emolens.circuits.assembly import assemble_circuit
+    from emolens.circuits.components import head_scores_from_stats, neuron_scores_from_stats
+    from emolens.circuits.control import (generate_with, per_emotion_choice, reply_modulation_interventions,
+                                          story_directions)
+    from emolens.circuits.directions import collect_sev_stats, difference_vectors, emotion_directions
+    from emolens.circuits.influence import layers_from_fraction, sigma, sublayer_influence
+    from emolens.circuits.modulation import modulation_interventions
+    from emolens.circuits.prompts import emo_prompts, neu_prompts, sev_items
+    from emolens.circuits.steer import steering_interventions
+    from emolens.datasets import load_sev
+    from emolens.evaluate import NADEJudge, NRCJudge, OpenAIJudge, ProbeJudge, corpus_perplexity, evaluate_judge
+    from emolens.evaluate.agreement import JudgeEnsemble, accuracy_table, intervals_overlap, wilson_interval
+    from emolens.evaluate.side_effects import (Guards, card_table, load_retention_qa, retention_accuracy,
+                                               select_operating_point, side_effect_card)
+    from emolens.results import Result, stack_results
+
+    system = PAPER_SYSTEM if args.paper_prompt else args.system
+    system_emo = "Always reply in {emotion}.\n" + system
+    guards = Guards()
+    gen_kw = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": 8, "repetition_penalty": 1.1,
+              "no_repeat_ngram_size": 3}
+    qa_kw = {"max_new_tokens": 12, "repetition_penalty": 1.1, "no_repeat_ngram_size": 3}
+    cfg = {k: v for k, v in vars(args).items() if k not in ("out", "judge_url", "judge_model")}
+    cfg.update(system_used=system, gen_kw=gen_kw, guards=guards.to_dict(), v=1)
+    cache = Cache(Path(args.out), cfg)
+    # the analysis step depends only on these: reruns with other sweeps or test files reuse it
+    akeys = ("analysis", "model", "stats_records", "influence_samples", "valence", "budget", "min_neurons",
+             "min_heads")
+    acache = Cache(Path(args.out) / "analysis", {**{k: cfg[k] for k in akeys}, "system_used": system, "v": 1})
+    log("cache", cache.dir, "analysis cache", acache.dir)
+
+    model = emolens.load_model(args.model)
+    L = model.n_layers
+    analysis_recs = list(load_sev(args.analysis) if args.analysis else load_sev(split="analysis"))
+    test_recs = list(load_sev(args.test) if args.test else load_sev(split="test"))
+    rr = round_robin(analysis_recs, len(analysis_recs))
+    stats_items = sev_items(rr[:args.stats_records])
+    calib_items = sev_items(rr[args.stats_records:args.stats_records + args.calib_records], [args.valence])
+    test_items = sev_items(round_robin(test_recs, args.test_records), [args.valence])
+    test_keys = {(it.scenario, it.event) for it in test_items}
+    assert not test_keys & {(it.scenario, it.event) for it in stats_items + calib_items}, "test overlaps analysis"
+
+    # ---------------------------------------------------------------- judges
+    judges = {"nrc": NRCJudge(), "nade": NADEJudge(), "probe": ProbeJudge()}
+    if args.judge_url:
+        judges["llm"] = OpenAIJudge(args.judge_url, args.judge_model)
+    ens = JudgeEnsemble(judges)
+    judge_rows = []
+    for name, j in judges.items():
+        acc, conf = evaluate_judge(j)  # project's labelled held-out set, disjoint from every SEV prompt
+        judge_rows.append({"judge": name, "acc": acc, "n": conf.attrs["n"],
+                           **{e: conf.attrs["per_emotion_accuracy"][e] for e in EMOS}})
+    log("judge accuracy on judge_eval.jsonl:\n" + pd.DataFrame(judge_rows).round(3).to_string(index=False))
+
+    # ---------------------------------------------------------------- analysis
+    adir = acache.dir
+    if (adir / "done").is_file():
+        directions = Result.load(adir / "directions")
+        dmu_mlp, dmu_attn = Result.load(adir / "dmu_mlp"), Result.load(adir / "dmu_attn")
+        story = Result.load(adir / "story")
+        from emolens.circuits.assembly import Circuit
+        circuits = {e: Circuit.load(adir / f"circuit_{e}.json", model=model) for e in EMOS}
+        log("analysis: cached")
+    else:
+        t0 = time.time()
+        ps = emo_prompts(stats_items, EMOS, system_emo)
+        stats = collect_sev_stats(model, ps, emotions=EMOS, batch_size=16, progress=False)
+        directions = emotion_directions(stats)
+        dmu_mlp, dmu_attn = difference_vectors(stats)
+        sig = sigma(stats)
+        log(f"stats: {len(ps)} P_emo prompts, {time.time() - t0:.0f}s")
+        neurons = stack_results([neuron_scores_from_stats(model, stats, directions, e) for e in EMOS], "emotion",
+                                list(EMOS))
+        heads = stack_results([head_scores_from_stats(model, stats, directions, e) for e in EMOS], "emotion",
+                              list(EMOS))
+        inf_items = [it for it in stats_items if it.valence == args.valence][:args.influence_samples]
+        inf = sublayer_influence(model, neu_prompts(inf_items, None, system).prompts, directions, sig, list(EMOS),
+                                 alphas=(0.3, 0.7), ref_layers=layers_from_fraction(L, (0.75, 0.9)))
+        circuits = {}
+        for i, e in enumerate(EMOS):
+            sl = lambda r: Result(r.kind, r.scores[i], r.axes[1:], {k: v for k, v in r.labels.items()  # noqa: E731
+                                                                     if k != "emotion"}, {}, dict(r.meta))
+            circuits[e] = assemble_circuit(model, e, inf[e], sl(neurons), sl(heads), budget_per_sublayer=args.budget,
+                                           min_neurons=args.min_neurons, min_heads=args.min_heads)
+        neutral = neu_prompts([it for it in stats_items if it.valence == args.valence], None, system).prompts
+        story = story_directions(model, neutral, emotions=EMOS)
+        adir.mkdir(exist_ok=True)
+        for name, r in (("directions", directions), ("dmu_mlp", dmu_mlp), ("dmu_attn", dmu_attn), ("story", story)):
+            r.save(adir / name)
+        for e, c in circuits.items():
+            c.save(adir / f"circuit_{e}.json")
+        (adir / "done").write_text("ok")
+        log(f"analysis done in {time.time() - t0:.0f}s; circuit sizes",
+            {e: (c.n_neurons, c.n_heads) for e, c in circuits.items()},
+            "confound PCs per layer", story.meta["n_confound"])
+
+    steer_layers = layers_from_fraction(L, (0.39, 0.72))
+    methods = {
+        "steering": lambda a: (lambda e: steering_interventions(model, directions, e, steer_layers, a)),
+        "circuit": lambda s: (lambda e: modulation_interventions(model, circuits[e], dmu_mlp, dmu_attn, s)),
+        "circuit_reply": lambda s: (lambda e: reply_modulation_interventions(model, circuits[e], dmu_mlp, dmu_attn,
+                                                                             s)),
+        "story_steer": lambda a: (lambda e: steering_interventions(model, story, e, steer_layers, a)),
+    }
+    sweeps = {"steering": args.steer_alphas, "circuit": args.circuit_scales, "circuit_reply": args.reply_scales,
+              "story_steer": args.story_alphas}
+    sweeps = {k: [float(x) for x in v.split(",")] for k, v in sweeps.items()}
+    qa = load_retention_qa()
+
+    def run_method(ps, ivf, emo_prompt_ps=None):
+        prompts = emo_prompt_ps.prompts if emo_prompt_ps is not None else ps.prompts
+        return generate_with(model, prompts, ps.emotions, interventions_for=ivf, gen_kwargs=gen_kw,
+                             batch_size=args.gen_batch)
+
+    def retention(ivf, qs, emo_system=False):
+        def gen(questions, emos):
+            if emo_system:
+                prompts = [[{"role": "system", "content": system_emo.format(emotion=e)},
+                            {"role": "user", "content": q}] for q, e in zip(questions, emos)]
+            else:
+                prompts = [[{"role": "system", "content": system}, {"role": "user", "content": q}]
+                           for q in questions]
+            return generate_with(model, prompts, emos, interventions_for=ivf, gen_kwargs=qa_kw,
+                                 batch_size=args.gen_batch)
+        return retention_accuracy(gen, list(EMOS), qs)
+
+    def judged(ps, texts):
+        df = ens.judge(texts, list(ps.emotions))
+        df["user"] = [it.user for it in ps.items]
+        return df
+
+    # ---------------------------------------------------------------- calibration (analysis data only)
+    cps = neu_prompts(calib_items, EMOS, system)
+    users_c = [it.user for it in cps.items]
+    step = max(1, len(qa) // max(1, args.calib_retention))
+    qa_cal = qa[::step][:args.calib_retention]  # spread over the 50 questions (default 6: qa[::8])
+    cal = cache.get("calibration")
+    if cal is None:
+        t0 = time.time()
+        base_c = run_method(cps, None)
+        base_ppl_c = corpus_perplexity(model, cps.prompts, base_c)
+        base_ret_c = retention(None, qa_cal)[0]
+        cal = {"base": {"texts": base_c, "ppl": base_ppl_c, "retention": base_ret_c}, "rows": []}
+        for m, vals in sweeps.items():
+            for v in vals:
+                ivf = methods[m](v)
+                texts = run_method(cps, ivf)
+                ret = retention(ivf, qa_cal)[0]
+                cal["rows"].append({"method": m, "value": v, "texts": texts,
+                                    "ppl": corpus_perplexity(model, cps.prompts, texts), "retention": ret})
+                log(f"calib {m} {v:g}: done")
+        cache.put("calibration", cal)
+        log(f"calibration generated in {time.time() - t0:.0f}s")
+    base_ppl_c = cal["base"]["ppl"]
+    calib_table, chosen, per_emotion_rows = [], {}, {e: [] for e in EMOS}
+    base_df = judged(cps, cal["base"]["texts"])
+    calib_table.append({"method": "none", "value": 0, "accuracy": base_df["majority"].mean(),
+                        **card_table([side_effect_card("none", users_c, cal["base"]["texts"], list(cps.emotions),
+                                                       ppl=base_ppl_c, ppl_base=base_ppl_c)]).iloc[0].to_dict()})
+    by_method = {}
+    for r in cal["rows"]:
+        df = judged(cps, r["texts"])
+        card = side_effect_card(r["method"], users_c, r["texts"], list(cps.emotions), ppl=r["ppl"],
+                                ppl_base=base_ppl_c, retention=r["retention"], retention_base=cal["base"]["retention"])
+        row = {"method": r["method"], "value": r["value"], "accuracy": float(df["majority"].mean()), "card": card}
+        by_method.setdefault(r["method"], []).append(row)
+        ct = card_table([card], guards).iloc[0].to_dict()
+        ct.pop("method")
+        calib_table.append({"method": r["method"], "value": r["value"], "accuracy": row["accuracy"], **ct})
+        if r["method"] == "circuit":  # per-emotion cards for the per-emotion-scale variant (ppl: the method's pooled)
+            for e in EMOS:
+                idx = [i for i, x in enumerate(cps.emotions) if x == e]
+                ce = side_effect_card("circuit", [users_c[i] for i in idx], [r["texts"][i] for i in idx], [e] * len(idx),
+                                      ppl=r["ppl"], ppl_base=base_ppl_c, retention=r["retention"],
+                                      retention_base=cal["base"]["retention"])
+                per_emotion_rows[e].append({"value": r["value"], "accuracy": float(df["majority"].iloc[idx].mean()),
+                                            "card": ce})
+    for m, rows in by_method.items():
+        best = select_operating_point(rows, guards)
+        chosen[m] = float(best["value"]) if best is not None else None
+    per_scales = per_emotion_choice(per_emotion_rows, guards, default=chosen.get("circuit") or sweeps["circuit"][0])
+    ct = pd.DataFrame(calib_table)
+    ct["accuracy"] = (100 * ct["accuracy"]).round(1)
+    log("calibration (analysis split, majority vote):\n" + ct.to_string(index=False))
+    log("chosen:", chosen, "per-emotion circuit scales:", per_scales)
+
+    # ---------------------------------------------------------------- test
+    tps = neu_prompts(test_items, EMOS, system)
+    tps_emo = emo_prompts(test_items, EMOS, system_emo)
+    users_t = [it.user for it in tps.items]
+
+    def strength(m):  # no passing point: fall back to the weakest swept value, and say so
+        return chosen[m] if chosen.get(m) is not None else sweeps[m][0]
+
+    test_methods = {
+        "unsteered": (None, None),
+        "prompting": (None, "emo"),
+        "steering": (methods["steering"](strength("steering")), None),
+        "circuit": (methods["circuit"](strength("circuit")), None),
+        "circuit_reply": (methods["circuit_reply"](strength("circuit_reply")), None),
+        "circuit_per_emotion": ((lambda e: modulation_interventions(model, circuits[e], dmu_mlp, dmu_attn,
+                                                                    per_scales[e])), None),
+        "story_steer": (methods["story_steer"](strength("story_steer")), None),
+    }
+    res = cache.get("test") or {}
+    for name, (ivf, kind) in test_methods.items():
+        if name in res:
+            continue
+        t0 = time.time()
+        texts = run_method(tps, ivf, tps_emo if kind == "emo" else None)
+        ppl = corpus_perplexity(model, tps.prompts, texts)
+        ret, ok, _ = retention(ivf, qa, emo_system=(kind == "emo"))
+        res[name] = {"texts": texts, "ppl": ppl, "retention": ret}
+        cache.put("test", res)
+        log(f"test {name}: {time.time() - t0:.0f}s")
+
+    frames, cards = {}, []
+    base_ppl, base_ret = res["unsteered"]["ppl"], res["unsteered"]["retention"]
+    for name in test_methods:
+        df = judged(tps, res[name]["texts"])
+        df["method"] = name
+        frames[name] = df
+        cards.append(side_effect_card(name, users_t, res[name]["texts"], list(tps.emotions), ppl=res[name]["ppl"],
+                                      ppl_base=base_ppl, retention=res[name]["retention"], retention_base=base_ret))
+    allf = pd.concat(frames.values(), ignore_index=True)
+    ag = ens.agreement(allf)
+    judge_cols = [f"{n}_match" for n in ens.names] + ["majority"]
+
+    # ---------------------------------------------------------------- report
+    print("\n## Judges on the project's labelled held-out set (judge_eval.jsonl, n = 192)")
+    jt = pd.DataFrame(judge_rows)
+    jt[["acc", *EMOS]] = (100 * jt[["acc", *EMOS]]).round(1)
+    print(jt.to_string(index=False))
+    print(f"\n## Test accuracy (%, {args.valence} valence, {len(test_items)} scenarios x 6 emotions; "
+          "Wilson 95 % CI)")
+    rows = []
+    for name, df in frames.items():
+        t = accuracy_table(df, judge_cols, by=None)
+        r = {"method": name, "n": len(df)}
+        for _, x in t.iterrows():
+            r[x.judge] = f"{100 * x.acc:.1f} [{100 * x.lo:.0f}, {100 * x.hi:.0f}]"
+        rows.append(r)
+    print(pd.DataFrame(rows).to_string(index=False))
+    print(f"\n## Per-emotion majority-vote accuracy (%, n per cell = {len(test_items)})")
+    pe = []
+    for name, df in frames.items():
+        t = accuracy_table(df, ["majority"], by="target")
+        pe.append({"method": name, **{x.group: f"{100 * x.acc:.0f} [{100 * x.lo:.0f},{100 * x.hi:.0f}]"
+                                      for _, x in t.iterrows()}})
+    print(pd.DataFrame(pe).to_string(index=False))
+    print("\n## Judge agreement on all test replies (n = %d)" % len(allf))
+    print(ag["pairs"].round(3).to_string(index=False))
+    print(f"Fleiss kappa (match): {ag['fleiss_match']:.3f}")
+    print("\n## Side-effect cards (test; perplexity under the unsteered model; retention on 50 questions)")
+    print(card_table(cards, guards).to_string(index=False))
+    print("\n## Operating points (chosen on the analysis split by the guarded rule)")
+    print(json.dumps({"chosen": chosen, "per_emotion_circuit_scales": per_scales}))
+    print("\n## Example replies (first test scenario)")
+    first = tps.items[0].user
+    print("USER:", first.replace("\n", " / "))
+    for name, df in frames.items():
+        for e in EMOS:
+            txt = df[(df.user == first) & (df.target == e)]["text"].iloc[0]
+            print(f"  [{name} -> {e}] {txt.replace(chr(10), ' ')[:160]}")
+
+    acc = {n: float(frames[n]["majority"].mean()) for n in frames}
+    ci = {n: wilson_interval(int(frames[n]["majority"].sum()), len(frames[n])) for n in frames}
+    variants = ["circuit_reply", "circuit_per_emotion", "story_steer"]
+    card_by = {c.method: c for c in cards}
+    passing = [v for v in variants if card_by[v].passes(guards)]
+    best_v = max(passing or variants, key=lambda v: acc[v])
+    sep = {m: not intervals_overlap(ci[best_v], ci[m]) for m in ("steering", "prompting")}
+    print(f"\nbest variant: {best_v} ({'passes' if best_v in passing else 'FAILS'} the guards); "
+          f"CI separated from steering: {sep['steering']}, from prompting: {sep['prompting']}")
+    print(f"total time {time.time() - t_all:.0f}s")
+    c = card_by["circuit"]
+    v = card_by[best_v]
+    print(f"RESULT circuit_acc={acc['circuit']:.3f} steer_acc={acc['steering']:.3f} prompt_acc={acc['prompting']:.3f} "
+          f"judge_kappa={ag['max_pair_kappa']:.3f} ppl_ratio_circuit={c.ppl_ratio:.2f} "
+          f"restate_rate_circuit={c.restate_rate:.3f} name_rate_circuit={c.name_rate:.3f} "
+          f"variant={best_v} variant_acc={acc[best_v]:.3f} ppl_ratio_variant={v.ppl_ratio:.2f} "
+          f"restate_rate_variant={v.restate_rate:.3f} name_rate_variant={v.name_rate:.3f} "
+          f"retention_drop_variant={v.retention_drop:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Control variants that aim to generalise beyond the analysis prompts (issue 10).
+
+* :func:`reply_modulation_interventions` - circuit modulation whose head payload is written only at
+  t* and the reply tokens (``Pos.from_last()``), like the neuron payload, instead of at every prompt
+  token (the paper's ``Pos.all()``): the model reads the user's scenario unmodified.
+* :func:`story_directions` - emotion vectors in the style of Sofroniew et al. (2026), "Emotion
+  Concepts and their Function in a Large Language Model": the token-averaged residual stream over
+  short texts that *show* an emotion without naming it (``emolens/data/emotion_stories.jsonl``,
+  project-written), centred across emotions, with the top principal components of activations on
+  emotionally neutral text (the neutral-confound subspace) projected out. Returned in the layout of
+  :func:`~emolens.circuits.directions.emotion_directions` so
+  :func:`~emolens.circuits.steer.steering_interventions` uses them unchanged.
+* :func:`per_emotion_choice` - per-emotion strengths from a calibration sweep with the same guarded rule.
+
+All interventions are plain :class:`~emolens.interventions.Add` specs run by the one hook engine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from ..errors import DataError, InputError
+from ..results import Result
+from ..sites import Pos, resid
+from .assembly import Circuit
+from .modulation import modulation_interventions
+
+__all__ = ["reply_modulation_interventions", "load_stories", "story_directions", "confound_basis",
+           "per_emotion_choice"]
+
+_DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def reply_modulation_interventions(model, circuit: Circuit, dmu_mlp: Result, dmu_attn: Result,
+                                   scale: float = 1.0) -> list:
+    """Circuit modulation with both payloads at t* and every generated token (``Pos.from_last()``)."""
+    return modulation_interventions(model, circuit, dmu_mlp, dmu_attn, scale, neuron_pos=Pos.from_last(),
+                                    head_pos=Pos.from_last())
+
+
+def load_stories(path: str | Path | None = None) -> list[tuple[str, str]]:
+    """``(text, label)`` pairs; labels are the six emotions and ``neutral``."""
+    p = Path(path) if path is not None else _DATA / "emotion_stories.jsonl"
+    out = []
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise DataError(f"Cannot read emotion stories {p} ({e}); pass a JSONL of {{\"text\", \"emotion\"}}") from None
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                r = json.loads(line)
+                out.append((str(r["text"]), str(r["emotion"]).lower()))
+            except (json.JSONDecodeError, KeyError) as e:
+                raise DataError(f"{p}:{i}: need a JSON object with 'text' and 'emotion' ({e})") from None
+    return out
+
+
+def confound_basis(acts: torch.Tensor, var_frac: float = 0.5, max_k: int = 8) -> torch.Tensor:
+    """Orthonormal basis ``[k, d]`` of the top principal components of ``acts [n, d]`` that together
+    explain ``var_frac`` of its variance (at most ``max_k``; ``k = 0`` gives an empty basis)."""
+    x = acts.double() - acts.double().mean(0, keepdim=True)
+    if x.shape[0] < 2 or float(x.norm()) == 0.0:
+        return torch.zeros(0, acts.shape[1], dtype=acts.dtype)
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)
+    frac = (s ** 2).cumsum(0) / (s ** 2).sum()
+    k = min(int((frac < var_frac).sum()) + 1, max_k, vh.shape[0])
+    return vh[:k].to(acts.dtype)
+
+
+def story_directions(model, neutral_prompts: Sequence, *, stories: Sequence[tuple[str, str]] | None = None,
+                     emotions: Sequence[str] = ("anger", "sadness", "happiness", "fear", "surprise", "disgust"),
+                     var_frac: float = 0.5, max_k: int = 8, batch_size: int = 16, progress: bool = False) -> Result:
+    """Sofroniew-style emotion directions for every layer's ``resid_post``.
+
+    Args:
+        neutral_prompts: emotionally neutral chat prompts (e.g. P_neu of the analysis split) whose
+            per-prompt mean activations define the confound subspace.
+        stories: ``(text, label)`` pairs (default :func:`load_stories`); texts are read as raw text
+            (no chat template) and averaged over all their tokens.
+        var_frac, max_k: size of the confound subspace per layer (:func:`confound_basis`).
+
+    Returns:
+        Result kind ``"directions"``, scores ``[emotion, layer, sublayer(attn, mlp), d_model]`` (the
+        same unit vector in both sublayer slots); ``meta["n_confound"]`` = confound PCs removed per layer.
+    """
+    from ..capture import capture
+
+    stories = list(stories) if stories is not None else load_stories()
+    emotions = list(emotions)
+    texts = [t for t, e in stories if e in emotions]
+    labels = [e for t, e in stories if e in emotions]
+    missing = [e for e in emotions if e not in labels]
+    if missing:
+        raise InputError(f"story_directions(): no stories for {missing}")
+    L = model.n_layers
+    sites = [resid(l, "post") for l in range(L)]
+    em = capture(model, texts, sites, pos=Pos.all(), reduce="group_mean", groups=labels, chat=False,
+                 batch_size=batch_size, progress=progress, desc="story activations")
+    neu = capture(model, list(neutral_prompts), sites, pos=Pos.prompt(), reduce="group_mean",
+                  groups=list(range(len(neutral_prompts))), batch_size=batch_size, progress=progress,
+                  desc="neutral activations")
+    order = [em.groups.index(e) for e in emotions]
+    out = torch.zeros(len(emotions), L, 2, model.d_model)
+    n_conf = torch.zeros(L)
+    for l, s in enumerate(sites):
+        m = em[str(s)][order].double()  # [E, d]
+        v = m - m.mean(0, keepdim=True)
+        basis = confound_basis(neu[str(s)].double(), var_frac, max_k)  # [k, d]
+        if basis.shape[0]:
+            v = v - (v @ basis.T) @ basis
+        v = v / (v.norm(dim=-1, keepdim=True) + 1e-12)
+        out[:, l, 0] = out[:, l, 1] = v.float()
+        n_conf[l] = basis.shape[0]
+    return Result("directions", out, ("emotion", "layer", "sublayer", "dim"),
+                  {"emotion": emotions, "sublayer": ["attn", "mlp"]}, {},
+                  {"model": model.name, "metric": "unit direction",
+                   "method": "story means centred across emotions, neutral-confound PCs projected out "
+                             f"(var_frac={var_frac}, max_k={max_k})", "n_stories": len(texts),
+                   "n_neutral": len(neutral_prompts), "n_confound": [int(x) for x in n_conf.tolist()]})
+
+
+def per_emotion_choice(per_emotion_rows: Mapping[str, Sequence[Mapping]], guards, default: float) -> dict[str, float]:
+    """Per-emotion strengths with :func:`~emolens.evaluate.side_effects.select_operating_point`.
+
+    ``per_emotion_rows[e]`` holds that emotion's sweep rows (``value``, ``accuracy``, ``card``
+    computed on that emotion's calibration replies); an emotion with no passing row gets ``default``.
+    """
+    from ..evaluate.side_effects import select_operating_point
+
+    out = {}
+    for e, rows in per_emotion_rows.items():
+        best = select_operating_point(rows, guards)
+        out[e] = float(best["value"]) if best is not None else float(default)
+    return out
+
+
+def generate_with(model, prompts: Sequence, emotions: Sequence[str | None], *, interventions_for=None,
+                  gen_kwargs: Mapping | None = None, batch_size: int = 32) -> list[str]:
+    """Greedy replies; rows of different target emotions share a batch, each emotion's interventions
+    restricted (``rows=``) to its own rows. ``interventions_for(emotion) -> list[Intervention]``."""
+    import dataclasses
+
+    prompts, emotions = list(prompts), list(emotions)
+    specs = {e: list(interventions_for(e)) for e in dict.fromkeys(emotions)} if interventions_for else {}
+    out: list[str] = []
+    for s in range(0, len(prompts), batch_size):
+        rows = list(range(s, min(s + batch_size, len(prompts))))
+        ivs = []
+        for e, sp in specs.items():
+            mine = tuple(i - s for i in rows if emotions[i] == e)
+            if mine:
+                ivs += [dataclasses.replace(iv, rows=mine) for iv in sp]
+        texts = model.generate([prompts[i] for i in rows], interventions=ivs or None, batch_size=len(rows),
+                               **dict(gen_kwargs or {}))
+        out += [t.strip() for t in texts]
+    return out
+
+
+__all__ += ["generate_with"]

@@ -1,0 +1,263 @@
+"""Judge ensembles, agreement statistics, Wilson intervals and the side-effect card, against
+hand-computed tiny cases and published worked examples."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from emolens.errors import InputError
+from emolens.evaluate import judges as J
+from emolens.evaluate.agreement import (JudgeEnsemble, accuracy_table, cohen_kappa, fleiss_kappa, intervals_overlap,
+                                        majority_vote, wilson_interval)
+from emolens.evaluate.lexicon import DATA_DIR, tokenize
+from emolens.evaluate.side_effects import (Guards, SideEffectCard, answer_correct, load_retention_qa, names_emotion,
+                                           restatement_overlap, restates, select_operating_point, side_effect_card)
+
+
+# ----------------------------------------------------------------------------- Wilson
+def test_wilson_matches_hand_computation_and_published_values():
+    # 8/10, z = 1.959964: centre = (0.8 + z^2/20) / (1 + z^2/10) = 0.71674,
+    # half = z/(1 + z^2/10) * sqrt(0.016 + z^2/400) = 0.22658  -> (0.4902, 0.9433) (Newcombe 1998, table I)
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    # 0/10: lower bound exactly 0, upper z^2/(n + z^2) = 3.8415/13.8415 = 0.2775
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    # symmetric around 1/2 for k = n/2
+    lo, hi = wilson_interval(25, 50)
+    assert (lo + hi) / 2 == pytest.approx(0.5, abs=1e-12)
+    assert np.isnan(wilson_interval(0, 0)[0])
+    with pytest.raises(InputError):
+        wilson_interval(5, 3)
+    assert intervals_overlap((0.1, 0.3), (0.25, 0.5)) and not intervals_overlap((0.1, 0.2), (0.3, 0.5))
+
+
+# ----------------------------------------------------------------------------- kappa
+def test_cohen_kappa_hand_cases():
+    # 2x2 worked example: yes/yes 20, yes/no 5, no/yes 10, no/no 15 (n = 50):
+    # p_o = 35/50 = 0.7; p_e = 0.5*0.6 + 0.5*0.4 = 0.5; kappa = 0.4
+    a = ["y"] * 25 + ["n"] * 25
+    b = ["y"] * 20 + ["n"] * 5 + ["y"] * 10 + ["n"] * 15
+    assert cohen_kappa(a, b) == pytest.approx(0.4)
+    # p_o = 0.75, p_e = 0.5*0.25 + 0.5*0.75 = 0.5 -> 0.5
+    assert cohen_kappa([1, 1, 0, 0], [1, 0, 0, 0]) == pytest.approx(0.5)
+    assert cohen_kappa(list("abc"), list("abc")) == pytest.approx(1.0)
+    # systematic disagreement is below chance
+    assert cohen_kappa([1, 0, 1, 0], [0, 1, 0, 1]) == pytest.approx(-1.0)
+    assert np.isnan(cohen_kappa([1, 1], [1, 1]))
+    with pytest.raises(InputError):
+        cohen_kappa([1], [1, 0])
+
+
+def test_fleiss_kappa_wikipedia_example():
+    # Fleiss (1971) worked example as on Wikipedia: 10 items, 14 raters, 5 categories -> 0.210
+    counts = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
+              [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]]
+    ratings = [[c for c, k in enumerate(row) for _ in range(k)] for row in counts]
+    assert fleiss_kappa(ratings) == pytest.approx(0.2099, abs=5e-4)
+    assert fleiss_kappa([[1, 1], [0, 0], [1, 1]]) == pytest.approx(1.0)
+    with pytest.raises(InputError):
+        fleiss_kappa([[1, 0], [1]])
+
+
+def test_majority_vote_strict_majority():
+    m = majority_vote([[True, True, False], [True, False, False], [True, True, True], [False, False, False]])
+    assert m.tolist() == [True, False, True, False]
+    assert majority_vote([[True, False], [True, True]]).tolist() == [False, True]  # tie -> no match
+
+
+class _Fixed(J.Judge):
+    def __init__(self, labels):
+        self.labels = labels
+
+    def judge(self, texts, targets):
+        texts, targets = J._check_pairs(texts, targets, self.emotions, "Fixed")
+        return [J.Verdict(l == t, l, 1.0) for l, t in zip(self.labels, targets)]
+
+
+def test_ensemble_majority_agreement_and_table():
+    tg = ["anger", "anger", "sadness", "fear"]
+    ens = JudgeEnsemble({"a": _Fixed(["anger", "anger", "sadness", "none"]),
+                         "b": _Fixed(["anger", "sadness", "sadness", "fear"]),
+                         "c": _Fixed(["fear", "anger", "happiness", "none"])})
+    df = ens.judge(["t1", "t2", "t3", "t4"], tg)
+    # matches: a = 1,1,1,0; b = 1,0,1,1; c = 0,1,0,0 -> majority 1,1,1,0
+    assert df["majority"].tolist() == [True, True, True, False]
+    ag = ens.agreement(df)
+    pairs = ag["pairs"].set_index(["judge_a", "judge_b"])
+    # a vs b on match: [1,1,1,0] vs [1,0,1,1]: p_o = 0.5, p_e = .75*.75 + .25*.25 = 0.625 -> -1/3
+    assert pairs.loc[("a", "b"), "kappa"] == pytest.approx(-1 / 3)
+    tab = accuracy_table(df, ["a_match", "majority"], by="target")
+    row = tab[(tab.group == "overall") & (tab.judge == "majority")].iloc[0]
+    assert (row.k, row.n) == (3, 4)
+    assert (row.lo, row.hi) == pytest.approx(wilson_interval(3, 4))
+    anger = tab[(tab.group == "anger") & (tab.judge == "a")].iloc[0]
+    assert (anger.k, anger.n) == (2, 2)
+    with pytest.raises(InputError):
+        JudgeEnsemble({})
+
+
+# ----------------------------------------------------------------------------- NADE
+@pytest.mark.skipif(importlib.util.find_spec("nade") is None, reason="nade not installed")
+def test_nade_judge_reads_clear_texts_and_beats_chance():
+    j = J.NADEJudge()
+    v = j.judge(["I am furious and outraged. This is infuriating, I hate how they lied to us and I want to scream at them.",
+                 "I am so happy and delighted today, we won and everyone is celebrating!"],
+                ["anger", "anger"])
+    assert v[0].label == "anger" and v[0].match
+    assert v[1].label == "happiness" and not v[1].match
+    acc, conf = J.evaluate_judge(j)
+    assert acc >= 0.5  # 6-way chance is 1/6; measured 0.667 on judge_eval.jsonl
+    assert conf.attrs["n"] == 192
+
+
+# ----------------------------------------------------------------------------- data disjointness
+def _ngrams(text, n=6):
+    t = tokenize(text)
+    return {tuple(t[i:i + n]) for i in range(len(t) - n + 1)}
+
+
+def test_judge_data_and_retention_disjoint_from_generation_prompts():
+    # no judge or retention text shares a 6-word sequence with any SEV scenario or event (both splits);
+    # shorter common phrases ("in the middle of the") do occur and are not copying
+    sev = set()
+    for split in ("sev_analysis", "sev_test"):
+        for line in (DATA_DIR / f"{split}.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            sev |= _ngrams(r["scenario"])
+            for e in r["event"].values():
+                sev |= _ngrams(e)
+    for name in ("judge_train", "judge_eval"):
+        for line in (DATA_DIR / f"{name}.jsonl").read_text().splitlines():
+            assert not (_ngrams(json.loads(line)["text"]) & sev), (name, line)
+    qa = load_retention_qa()
+    assert len(qa) == 50
+    assert not any(_ngrams(q["question"]) & sev for q in qa)
+
+
+# ----------------------------------------------------------------------------- side effects
+def test_restatement_and_name_detection():
+    prompt = "I sent a client a quote for the renovation of their office space."
+    # reply bigrams: (i,sent) (sent,a) (a,client) (client,a) (a,quote) (quote,today) -> 5/6 in the prompt
+    assert restatement_overlap("I sent a client a quote today", prompt) == pytest.approx(5 / 6)
+    assert restates("I sent a client a quote today", prompt)
+    assert restates("Here's a revised version of your text: hello there friend", prompt)  # edit marker
+    assert not restates("That is wonderful news, congratulations on the new work!", prompt)
+    assert restatement_overlap("", prompt) == 0.0
+    assert names_emotion("I feel so ANGRY about it.", "anger")
+    assert names_emotion("Sadly, no.", "sadness")
+    assert not names_emotion("I am furious.", "anger")  # a synonym is not the emotion's name
+    assert not names_emotion("Happy-go-lucky? no, just sad", "happiness") is False  # 'happy' token present
+    with pytest.raises(InputError):
+        names_emotion("x", "joy")
+
+
+def test_retention_answer_matching():
+    assert answer_correct("The capital of France is Paris.", ["Paris"])
+    assert answer_correct("It is 13.", ["13", "thirteen"])
+    assert not answer_correct("It is 130.", ["13"])
+    assert answer_correct("Twenty-five.", ["25", "twenty-five"])
+
+
+def test_side_effect_card_and_selection_rule():
+    prompts = ["I sent a client a quote for the renovation.", "My train was late again today."]
+    replies = ["I sent a client a quote for the renovation.", "I am so angry that the train was late!"]
+    card = side_effect_card("circuit", prompts, replies, ["anger", "anger"], ppl=6.0, ppl_base=2.0,
+                            retention=0.7, retention_base=0.9)
+    assert card.restate_rate == 0.5 and card.name_rate == 0.5
+    assert card.ppl_ratio == pytest.approx(3.0)
+    assert card.retention_drop == pytest.approx(0.2)
+    fails = card.failures(Guards())
+    assert len(fails) == 3 and any("restate" in f for f in fails) and any("retention" in f for f in fails)
+    assert card.passes(Guards(max_restate=0.5, max_name=0.5, max_retention_drop=0.25))
+    g = Guards()
+    good = SideEffectCard("s", 10, 3.0, 1.0, 0.8, 0.1, 0.1, 0.8, 0.85)
+    bad = SideEffectCard("s", 10, 9.0, 1.0, 0.8, 0.1, 0.1, 0.8, 0.85)  # ppl ratio 9
+    rows = [{"value": 1.0, "accuracy": 0.3, "card": good}, {"value": 4.0, "accuracy": 0.9, "card": bad},
+            {"value": 2.0, "accuracy": 0.3, "card": good}]
+    assert select_operating_point(rows, g)["value"] == 1.0  # best passing; tie -> weaker
+    assert select_operating_point([rows[1]], g) is None
+    assert Guards.from_dict(g.to_dict()) == g
+
+
+# ----------------------------------------------------------------------------- circuit attention viz
+def test_circuit_attention_section_patterns_match_bridge_cache(tiny_llama):
+    import torch
+
+    from emolens.circuits.assembly import Circuit
+    from emolens.report import ReportView
+    from emolens.viz.circuit_attention import circuit_attention_section, reply_head_patterns, top_circuit_heads
+
+    m = tiny_llama
+    dims = {"name": m.name, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_head": m.d_head, "d_mlp": m.d_mlp,
+            "d_model": m.d_model}
+    c = Circuit("anger", dims, {0: [1]}, {0: [0, 2], 2: [1]})
+    scores = torch.zeros(m.n_layers, m.n_heads)
+    scores[0, 2], scores[2, 1], scores[0, 0] = 3.0, 2.0, 1.0
+    assert top_circuit_heads(c, scores, k=2) == [(0, 2), (2, 1)]
+    assert top_circuit_heads(c, None, k=1) == [(2, 1)]  # no scores: deepest layer first
+
+    view = reply_head_patterns(m, "hello there", "general kenobi", [(0, 2), (2, 1)], max_tokens=None)
+    b = m.encode(["hello there"], continuations=["general kenobi"])
+    with torch.no_grad():
+        _, cache = m.bridge.run_with_cache(b.input_ids, attention_mask=b.attention_mask)
+    off = int(b.pad_offset[0])
+    for i, (L, h) in enumerate([(0, 2), (2, 1)]):
+        ref = cache[f"blocks.{L}.attn.hook_pattern"][0, h, off:, off:].float()
+        torch.testing.assert_close(view.pattern[i], ref, atol=1e-5, rtol=1e-4)
+    assert len(view.tokens) == b.input_ids.shape[1] - off
+    short = reply_head_patterns(m, "hello there", "general kenobi", [(0, 2)], max_tokens=3)
+    assert short.pattern.shape == (1, 3, 3) and short.tokens == view.tokens[-3:]
+
+    sec = circuit_attention_section(m, {"anger": c}, {"anger": ("hello there", "general kenobi")},
+                                    head_scores=scores, k=2)
+    assert len(sec.figures) == 1 and sec.tables[0][1]["heads"].tolist() == ["L0H2, L2H1"]
+    html = ReportView([sec], title="t")._repr_html_()
+    assert "CircuitsVis.render" in html and "unpkg.com" not in html
+    with pytest.raises(InputError):
+        circuit_attention_section(m, {"anger": c}, {"fear": ("x", "y")})
+
+
+# ----------------------------------------------------------------------------- control variants
+def test_confound_basis_hand_case():
+    import torch
+
+    from emolens.circuits.control import confound_basis
+
+    # variance 9 along e0, 1 along e1, 0 elsewhere: 90 % on e0
+    acts = torch.tensor([[3.0, 1.0, 0.0], [-3.0, -1.0, 0.0], [3.0, -1.0, 0.0], [-3.0, 1.0, 0.0]])
+    b = confound_basis(acts, var_frac=0.5)
+    assert b.shape == (1, 3)
+    torch.testing.assert_close(b[0].abs(), torch.tensor([1.0, 0.0, 0.0]))
+    assert confound_basis(acts, var_frac=0.95).shape[0] == 2
+    assert confound_basis(acts, var_frac=0.95, max_k=1).shape[0] == 1
+
+
+def test_story_directions_unit_centred_and_confound_free(tiny_llama):
+    import torch
+
+    from emolens.circuits.control import confound_basis, story_directions
+    from emolens.capture import capture
+    from emolens.sites import Pos, resid
+
+    m = tiny_llama
+    emos = ("anger", "sadness")
+    stories = [("he shouted and slammed the door", "anger"), ("they lied and I yelled", "anger"),
+               ("she cried alone at the grave", "sadness"), ("the empty chair at dinner", "sadness")]
+    neutral = ["the bus leaves at nine", "bring the report on tuesday", "the shop sells bread and milk"]
+    d = story_directions(m, neutral, stories=stories, emotions=emos, var_frac=0.5)
+    assert tuple(d.scores.shape) == (2, m.n_layers, 2, m.d_model)
+    torch.testing.assert_close(d.scores.norm(dim=-1), torch.ones(2, m.n_layers, 2), atol=1e-4, rtol=0)
+    # two emotions, centred: the directions are opposite
+    torch.testing.assert_close(d.scores[0], -d.scores[1], atol=1e-4, rtol=0)
+    # independent recomputation of the confound basis at one layer: the direction is orthogonal to it
+    L = m.n_layers - 1
+    neu = capture(m, neutral, [resid(L, "post")], pos=Pos.prompt(), reduce="group_mean", groups=list(range(3)),
+                  progress=False)
+    basis = confound_basis(neu[str(resid(L, "post"))].double(), 0.5, 8).float()
+    assert basis.shape[0] == d.meta["n_confound"][L] >= 1
+    assert (basis @ d.scores[0, L, 1]).abs().max() < 1e-4
