@@ -70,7 +70,7 @@ from .errors import EmolensError, InputError, MissingDependencyError
 log = logging.getLogger("emolens")
 
 __all__ = ["ScaleConfig", "Shard", "ShardStore", "fingerprint", "add_backend_args", "config_from_args", "use_backend",
-           "active_backend", "capture", "patch", "sweep", "generate_replies", "worker_pids", "shutdown"]
+           "active_backend", "capture", "patch", "sweep", "generate_replies", "worker_pids", "worker_env", "shutdown"]
 
 BACKENDS = ("local", "ray")
 
@@ -317,6 +317,12 @@ class _Worker:
     def info(self) -> dict:
         return {k: v for k, v in self.model.info().items() if k != "device"}
 
+    def env(self) -> dict:
+        """Process id, torch threads and the emolens package this worker imported."""
+        import emolens
+
+        return {"pid": os.getpid(), "threads": torch.get_num_threads(), "emolens": emolens.__file__}
+
     def run(self, fn: Callable, shared: dict, payload: dict) -> tuple[dict, Any, float]:
         t0 = time.perf_counter()
         tensors, info = fn(self.model, shared, **payload)
@@ -381,8 +387,11 @@ class _RayPool:
         return self._info
 
     def pids(self) -> list[int]:
+        return [e["pid"] for e in self.env()]
+
+    def env(self) -> list[dict]:
         ray = _ray()
-        return ray.get([a.pid.remote() for a in self.actors])
+        return ray.get([a.env.remote() for a in self.actors])
 
     def map(self, shards: list[Shard], shared: dict, on_done: Callable[[Shard, dict, Any, float], None]) -> None:
         ray = _ray()
@@ -436,6 +445,9 @@ class _LocalPool:
     def pids(self) -> list[int]:
         return [os.getpid()]
 
+    def env(self) -> list[dict]:
+        return [self.worker.env()]
+
     def map(self, shards, shared, on_done) -> None:
         for sh in shards:
             on_done(sh, *self.worker.run(sh.fn, shared, sh.payload))
@@ -470,6 +482,11 @@ def _pool(model: Any, cfg: ScaleConfig):
 def worker_pids(model: Any, backend: "str | ScaleConfig" = "ray") -> list[int]:
     """Process ids of the workers serving ``model`` (starts them if needed); for tests and monitoring."""
     return _pool(model, _as_config(backend)).pids()
+
+
+def worker_env(model: Any, backend: "str | ScaleConfig" = "ray") -> list[dict]:
+    """Per worker: ``{"pid", "threads", "emolens"}`` (the package file it imported)."""
+    return _pool(model, _as_config(backend)).env()
 
 
 def shutdown() -> None:
