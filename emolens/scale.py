@@ -365,9 +365,7 @@ class _RayPool:
                 if cfg.num_gpus:
                     kw["num_gpus"] = max(1, math.ceil(n * cfg.num_gpus))
             ray.init(**kw)
-            self.started_ray = True
-        else:
-            self.started_ray = False
+            _STARTED_RAY.append(True)
         res = ray.cluster_resources()
         n = cfg.workers
         if n is None:
@@ -375,6 +373,9 @@ class _RayPool:
             if cfg.num_gpus:
                 n = min(n, int(res.get("GPU", 0) // cfg.num_gpus))
             n = max(1, n)
+        if n * cfg.num_cpus > res.get("CPU", 0) + 1e-9:
+            raise InputError(f"{n} workers x {cfg.num_cpus} CPUs need {n * cfg.num_cpus:g} CPUs but the Ray cluster has "
+                             f"{res.get('CPU', 0):g}; use fewer workers or num_cpus, or a larger cluster (--address).")
         if cfg.num_gpus and res.get("GPU", 0) < cfg.num_gpus:
             raise InputError(f"num_gpus={cfg.num_gpus} per worker but the Ray cluster has {res.get('GPU', 0)} GPUs; "
                              "lower num_gpus or connect to a cluster with GPUs (--address).")
@@ -429,8 +430,6 @@ class _RayPool:
             with contextlib.suppress(Exception):
                 ray.kill(a)
         self.actors = []
-        if self.started_ray:
-            ray.shutdown()
 
 
 class _LocalPool:
@@ -457,6 +456,10 @@ class _LocalPool:
 
 
 _POOLS: dict[str, Any] = {}
+#: Last sharded run: job, shards, reused (loaded from the run folder), worker_seconds (sum of the
+#: shards' compute time in the workers), wall_seconds (driver wall time of the computed shards).
+LAST_RUN: dict[str, Any] = {}
+_STARTED_RAY: list = []  # non-empty when emolens started the local Ray cluster (shutdown() stops it)
 
 
 def _pool(model: Any, cfg: ScaleConfig):
@@ -493,6 +496,9 @@ def shutdown() -> None:
     """Stop every worker pool (and the local Ray cluster emolens started)."""
     while _POOLS:
         _POOLS.popitem()[1].close()
+    if _STARTED_RAY:
+        _STARTED_RAY.clear()
+        _ray().shutdown()
 
 
 def _execute(model: Any, cfg: ScaleConfig, job: str, shards: list[Shard], shared: dict,
@@ -508,19 +514,24 @@ def _execute(model: Any, cfg: ScaleConfig, job: str, shards: list[Shard], shared
             todo.append(sh)
     if store is not None and len(out):
         log.info("emolens: %s: %d of %d shards reused from %s", job, len(out), len(shards), store.root)
+    LAST_RUN.clear()
+    LAST_RUN.update(job=job, shards=len(shards), reused=len(shards) - len(todo), worker_seconds=0.0, wall_seconds=0.0)
     if todo:
         pool = _pool(model, cfg)
         from .progress import progress_bar
 
         bar = progress_bar(None, total=len(todo), desc=f"{job} ({cfg.backend})", disable=not progress)
+        t0 = time.perf_counter()
 
         def on_done(sh: Shard, tensors: dict, info: Any, secs: float) -> None:
             if store is not None:
                 store.save(sh, tensors, info, secs)
             out[sh.name] = (tensors, info)
+            LAST_RUN["worker_seconds"] += secs
             bar.update(1)
 
         pool.map(todo, shared, on_done)
+        LAST_RUN["wall_seconds"] = time.perf_counter() - t0
         bar.close()
     return [out[sh.name] for sh in shards]
 
