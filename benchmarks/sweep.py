@@ -84,6 +84,42 @@ print("driver finished")
 """
 
 
+_CHILD = """
+import sys, time, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {bench!r})
+import emolens
+from emolens.pipelines.paper2 import generate_replies
+from sweep import rows, specs_for
+m = emolens.load_model({model!r}, device="cpu")
+prompts, emos = rows({n})
+part, parts, start = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+p, e = prompts[part::parts], emos[part::parts]  # interleaved: both halves mix long and short prompts
+specs = specs_for(m, {layer})
+while time.time() < start:  # a common start, after every process has loaded the model
+    time.sleep(0.01)
+t = time.perf_counter()
+generate_replies(m, p, e, interventions_for=specs.__getitem__, gen_kwargs={gk!r}, batch_size={bs})
+print("SECONDS", time.perf_counter() - t)
+"""
+
+
+def ceiling(model: str, n: int, layer: int, gk: dict, bs: int) -> tuple[float, float]:
+    """The machine's own parallel ceiling, without Ray: seconds of 1 plain process doing all rows vs 2 plain
+    processes doing half each, started together (each process loads the model before the common start)."""
+    code = _CHILD.format(bench=str(Path(__file__).parent), model=model, n=n, layer=layer, gk=gk, bs=bs)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", EMOLENS_PROGRESS="0")
+    out = []
+    for parts in (1, 2):
+        start = time.time() + 40
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(i), str(parts), str(start)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for i in range(parts)]
+        secs = [float(pr.communicate()[0].split("SECONDS")[-1]) for pr in procs]
+        out.append(max(secs))
+    return out[0], out[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller sweep (smoke run)")
@@ -207,6 +243,9 @@ def main() -> None:
             curve.append(("tiny", tiny.name, n, "ray", w, _time(f)))
     scale.shutdown()
 
+    c1, c2 = ceiling(args.model, n_rows, layer, gk, bs)
+    print(f"machine ceiling without Ray: 1 process {c1:.2f} s, 2 processes (half the rows each) {c2:.2f} s: "
+          f"x{c1 / c2:.2f}; Ray 2 workers reach x{speedup:.2f}", flush=True)
     print("\n| model | rows | backend | workers | seconds | rows/s |\n|---|---|---|---|---|---|")
     for kind, name, n, be, w, sec in curve:
         print(f"| {kind} ({name}) | {n} | {be} | {w} | {sec:.2f} | {n / sec:.2f} |")

@@ -69,7 +69,7 @@ from .errors import EmolensError, InputError, MissingDependencyError
 
 log = logging.getLogger("emolens")
 
-__all__ = ["ScaleConfig", "Shard", "ShardStore", "fingerprint", "add_backend_args", "config_from_args", "use_backend",
+__all__ = ["ScaleConfig", "ScaleError", "Shard", "ShardStore", "fingerprint", "add_backend_args", "config_from_args", "use_backend",
            "active_backend", "capture", "patch", "sweep", "generate_replies", "worker_pids", "worker_env", "shutdown"]
 
 BACKENDS = ("local", "ray")
@@ -362,6 +362,9 @@ class _RayPool:
             else:
                 n = cfg.workers or max(1, (os.cpu_count() or 1) // max(1, int(cfg.num_cpus)))
                 kw["num_cpus"] = max(1, math.ceil(n * cfg.num_cpus))
+                # Ray runs workers at nice 15 by default; here the workers *are* the job, and on a shared
+                # machine niced workers lost most of their CPU to other processes (benchmarks/sweep.py).
+                kw["_system_config"] = {"worker_niceness": 0}
                 if cfg.num_gpus:
                     kw["num_gpus"] = max(1, math.ceil(n * cfg.num_gpus))
             ray.init(**kw)
@@ -396,7 +399,7 @@ class _RayPool:
 
     def map(self, shards: list[Shard], shared: dict, on_done: Callable[[Shard, dict, Any, float], None]) -> None:
         ray = _ray()
-        from ray.exceptions import RayActorError
+        from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
         shared_ref = ray.put(shared)
         queue, idle, pending = deque(shards), list(self.actors), {}
@@ -413,12 +416,17 @@ class _RayPool:
                 sh, a = pending.pop(ref)
                 try:
                     tensors, info, secs = ray.get(ref)
-                except RayActorError:  # the actor is gone for good: hand its shard to the others
+                except RayTaskError as e:  # the shard itself raised: re-raise the emolens error it carries
+                    raise e.as_instanceof_cause() from None
+                except RayActorError as e:  # retries used up: hand the shard to the others
                     tries[sh.name] = tries.get(sh.name, 0) + 1
                     if tries[sh.name] > len(self.actors) + 1:
                         raise ScaleError(f"Shard {sh.name} failed on every try; see the Ray worker logs.") from None
-                    log.warning("emolens: a Ray worker died for good; re-queueing shard %s", sh.name)
-                    self.actors = [x for x in self.actors if x is not a]
+                    if isinstance(e, ActorDiedError):  # gone for good (max_restarts used up)
+                        log.warning("emolens: a Ray worker died for good; re-queueing shard %s", sh.name)
+                        self.actors = [x for x in self.actors if x is not a]
+                    else:
+                        idle.append(a)
                     queue.appendleft(sh)
                     continue
                 idle.append(a)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from emolens import Pos, resid, scale
-from emolens.errors import InputError
+from emolens.errors import InputError, InterventionError
 from emolens.capture import capture
 from emolens.interventions import Add
 from emolens.metrics import logit_diff
@@ -109,6 +109,10 @@ def test_generation_patching_and_sweep_on_ray_equal_local(tiny_llama, cluster):
     s2 = sweep(m, PROMPTS, vecs, ["joy", "trust"], backend=cluster[0], **kw)
     assert s1.texts == s2.texts
     pd.testing.assert_frame_equal(s1.table, s2.table, rtol=1e-6)
+    # an emolens error raised inside a worker reaches the caller as that error, with its message
+    with pytest.raises(InterventionError, match="strength 1e\\+38"):
+        sweep(m, PROMPTS, vecs, "joy", strengths=[1e38], layers=1, strength_mode="absolute", max_new_tokens=3,
+              progress=False, backend=cluster[0])
 
 
 def test_worker_killed_mid_run_still_gives_identical_results(tiny_llama, cluster, tmp_path):
