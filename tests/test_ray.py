@@ -115,6 +115,17 @@ def test_generation_patching_and_sweep_on_ray_equal_local(tiny_llama, cluster):
               progress=False, backend=cluster[0])
 
 
+def test_use_backend_routes_pipeline_generations_through_ray(tiny_llama, cluster, tmp_path):
+    m = tiny_llama
+    gk = {"max_new_tokens": 4}
+    local = generate_replies(m, PROMPTS_20, [None] * 20, gen_kwargs=gk, batch_size=4)
+    with scale.use_backend(_cfg(cluster, run_dir=str(tmp_path))):  # what `emolens run --backend ray` sets
+        dist = generate_replies(m, PROMPTS_20, [None] * 20, gen_kwargs=gk, batch_size=4)
+    assert dist == local
+    assert len(list((tmp_path / "shards").rglob("*.json"))) == 5 and scale.LAST_RUN["shards"] == 5
+    assert scale.active_backend() is None
+
+
 def test_worker_killed_mid_run_still_gives_identical_results(tiny_llama, cluster, tmp_path):
     m = tiny_llama
     prompts = [f"Tell me story number {i} about the sea." for i in range(32)]
