@@ -303,9 +303,10 @@ def _set_threads(n: int) -> None:
 class _Worker:
     """One model; runs shard functions on it. Used as a Ray actor, or in-process for ``local``."""
 
-    def __init__(self, name: str, model_kwargs: dict, threads: int, model: Any = None):
-        if model is None:
+    def __init__(self, name: str, model_kwargs: dict, threads: int | None, model: Any = None):
+        if threads is not None:  # Ray workers only: the local pool leaves the driver's threads alone
             _set_threads(threads)
+        if model is None:
             from .model import load_model
 
             model = load_model(name, **model_kwargs)
@@ -477,9 +478,9 @@ def _pool(model: Any, cfg: ScaleConfig):
             key = json.dumps(["local", model, cfg.model_kwargs], sort_keys=True, default=str)
             if key not in _POOLS:
                 name, kw, _ = _model_ref(model, cfg)
-                _POOLS[key] = _LocalPool(_Worker(name, kw, cfg.threads))
+                _POOLS[key] = _LocalPool(_Worker(name, kw, None))
             return _POOLS[key]
-        return _LocalPool(_Worker(model.name, {}, cfg.threads, model=model))
+        return _LocalPool(_Worker(model.name, {}, None, model=model))
     name, kw, _ = _model_ref(model, cfg)
     key = json.dumps(["ray", name, kw, cfg.address, cfg.workers, cfg.num_cpus, cfg.num_gpus, cfg.threads,
                       cfg.max_restarts, cfg.max_task_retries], sort_keys=True, default=str)
