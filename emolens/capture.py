@@ -96,6 +96,9 @@ class _Accumulator:
         self.total: torch.Tensor | None = None  # [n_groups, *dims] float64
         self.items: list[torch.Tensor] = []
         self.group_ids: torch.Tensor | None = None  # for the current batch
+        # When a list, each batch's float64 contribution is also kept (CPU) so that shards computed
+        # elsewhere can be folded into one total in the local batch order (emolens.scale).
+        self.record: list | None = None
 
     def __call__(self, values: torch.Tensor, sel: torch.Tensor, tracker) -> None:
         v = values.detach()
@@ -114,16 +117,20 @@ class _Accumulator:
             self.dims = tuple(v.shape[2:])
         # Sum within the batch in the model dtype (cheap), accumulate across batches in float64.
         if self.n_groups == 1:
-            self.total[0] += torch.einsum("bp,bpd->d", w, flat).double()
+            part = torch.einsum("bp,bpd->d", w, flat).double()
+            self.total[0] += part
         else:
-            self.total.index_add_(0, self.group_ids, torch.einsum("bp,bpd->bd", w, flat).double())
+            part = torch.einsum("bp,bpd->bd", w, flat).double()
+            self.total.index_add_(0, self.group_ids, part)
+        if self.record is not None:
+            self.record.append(part.cpu())
 
 
 def capture(model, prompts: "Sequence[Any] | Any", sites: "Site | str | Sequence[Site | str]", *,
             pos: Pos | str = "last", reduce: str = "mean", groups: Sequence[Hashable] | None = None,
             batch_size: int = 16, chat: bool | None = None, system: str | None = None,
             interventions: Sequence[Intervention] | None = None, progress: bool = True,
-            desc: str = "capture") -> CaptureResult:
+            desc: str = "capture", backend=None) -> CaptureResult:
     """Capture ``sites`` over ``prompts`` with a streaming reduction.
 
     Args:
@@ -136,6 +143,9 @@ def capture(model, prompts: "Sequence[Any] | Any", sites: "Site | str | Sequence
         groups: one hashable label per prompt, for ``group_mean``.
         batch_size: prompts per forward pass.
         interventions: applied during capture (e.g. to read a steered model).
+        backend: ``None``/``"local"`` (this process), ``"ray"`` or a :class:`~emolens.scale.ScaleConfig`:
+            prompts split into shards over Ray workers; float64 sums are folded in the local batch
+            order, so the result is bitwise the local one (see :func:`emolens.scale.capture`).
 
     Returns:
         :class:`CaptureResult`.
@@ -144,6 +154,20 @@ def capture(model, prompts: "Sequence[Any] | Any", sites: "Site | str | Sequence
 
     prompts = _prompt_list(prompts)  # one string is one prompt; None / non-strings: InputError naming the fix
     batch_size = _positive_int("batch_size", batch_size)
+    if backend not in (None, "local"):
+        from .scale import capture as scaled_capture
+
+        return scaled_capture(model, prompts, sites, pos=pos, reduce=reduce, groups=groups, batch_size=batch_size,
+                              chat=chat, system=system, interventions=interventions, backend=backend)
+    pos, site_list, labels, gid_all = _prepare(prompts, sites, pos, reduce, groups)
+    accs, counts = _stream(model, prompts, site_list, pos, reduce, gid_all, max(len(labels), 1), batch_size=batch_size,
+                           chat=chat, system=system, interventions=interventions, progress=progress, desc=desc)
+    totals = {k: a.items if reduce == "none" else (a.total, a.dims) for k, a in accs.items()}
+    return _finish(totals, reduce, pos, counts, labels, len(prompts), model.meta())
+
+
+def _prepare(prompts: list, sites, pos, reduce: str, groups):
+    """Checked arguments: (pos rule, sites, group labels in first-seen order, group id per prompt)."""
     if reduce not in REDUCTIONS:
         raise InputError(f"Unknown reduce={reduce!r}; use one of {', '.join(REDUCTIONS)}.")
     pos = Pos.from_dict(pos) if isinstance(pos, (str, dict)) else pos
@@ -156,8 +180,20 @@ def capture(model, prompts: "Sequence[Any] | Any", sites: "Site | str | Sequence
         gid_all = torch.tensor([labels.index(g) for g in groups])
     else:
         labels, gid_all = [], torch.zeros(len(prompts), dtype=torch.long)
-    n_groups = max(len(labels), 1)
+    return pos, site_list, labels, gid_all
+
+
+def _stream(model, prompts: list, site_list: list, pos: Pos, reduce: str, gid_all: torch.Tensor, n_groups: int, *,
+            batch_size: int, chat, system, interventions, progress: bool = False, desc: str = "capture",
+            record: bool = False) -> tuple[dict[str, _Accumulator], torch.Tensor]:
+    """The batched capture loop: per-site accumulators and float64 selected-position counts per group.
+
+    With ``record``, every accumulator also keeps each batch's float64 contribution (``.record``).
+    """
     accs = {str(s): _Accumulator(reduce, n_groups) for s in site_list}
+    if record:
+        for a in accs.values():
+            a.record = []
     readers = [Reader(s, accs[str(s)], pos) for s in site_list]
     plan = HookPlan(model, interventions, readers)
     counts = torch.zeros(n_groups, dtype=torch.float64)
@@ -172,20 +208,27 @@ def capture(model, prompts: "Sequence[Any] | Any", sites: "Site | str | Sequence
             plan.tracker.set_batch(batch)
             sel = plan.tracker.select(pos, len(batch), batch.input_ids.shape[1])
             counts.index_add_(0, gids.cpu(), sel.sum(1).to(torch.float64).cpu())
+    return accs, counts
+
+
+def _finish(totals: dict, reduce: str, pos: Pos, counts: torch.Tensor, labels: list, n_items: int,
+            model_meta: dict) -> CaptureResult:
+    """The result from float64 totals ``{site: (total [n_groups, D], dims)}`` (or item lists for ``none``)."""
+    n_groups = counts.shape[0]
     if (counts == 0).any() and reduce in ("mean", "group_mean"):
         raise InputError(f"The position rule {pos} selected no positions"
                          + (f" for group {labels[int((counts == 0).nonzero()[0])]!r}" if labels else "")
                          + "; pick a rule that exists in the prompts.")
     data = {}
-    for key, a in accs.items():
+    for key, t in totals.items():
         if reduce == "none":
-            data[key] = torch.cat(a.items)
+            data[key] = torch.cat(t)
             continue
-        tot = a.total if reduce == "sum" else a.total / counts.to(a.total.device)[:, None]
-        tot = tot.float().cpu().reshape((n_groups,) + a.dims)
+        total, dims = t
+        tot = total if reduce == "sum" else total / counts.to(total.device)[:, None]
+        tot = tot.float().cpu().reshape((n_groups,) + tuple(dims))
         data[key] = tot if reduce == "group_mean" else tot[0]
-    return CaptureResult(data, reduce, pos, len(prompts), counts.float(), labels,
-                         {**model.meta(), "sites": list(data)})
+    return CaptureResult(data, reduce, pos, n_items, counts.float(), labels, {**model_meta, "sites": list(data)})
 
 
 def run_with_cache(model, prompts, sites: "Site | str | Sequence[Site | str]", *,

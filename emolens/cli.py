@@ -130,6 +130,9 @@ def _run_args(p):
     p.add_argument("--only", choices=("paper1", "paper2", "overview"), default=None,
                    help="run only one pipeline (overview = the built-in model overview)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from .scale import add_backend_args
+
+    add_backend_args(p)
 
 
 @command("run", "run the pipelines on a model and write a self-contained report.html into a new run folder",
@@ -153,6 +156,11 @@ def _run(args) -> int:
     settings = {"quick": args.quick, "only": args.only or "all", "device": str(m.device), "dtype": str(m.dtype)}
     wanted = [args.only] if args.only else ["paper1", "paper2"]
     sections, missing, failure = [], [], None
+    from .scale import config_from_args, use_backend
+
+    backend = config_from_args(args, run_dir / "scale")  # None = local; finished shards under RUN/scale/shards
+    if backend is not None:
+        settings["backend"] = f"{backend.backend} ({backend.address or 'local cluster'})"
     for name in wanted:
         if name == "overview":
             continue
@@ -162,7 +170,8 @@ def _run(args) -> int:
             continue
         print(f"[{name}] running", flush=True)
         try:
-            sections += list(mod.run(m, run_dir, quick=args.quick, progress=progress))
+            with use_backend(backend):  # evaluation generations shard over Ray workers
+                sections += list(mod.run(m, run_dir, quick=args.quick, progress=progress))
         except Exception as e:  # noqa: BLE001 - report what finished, then fail loudly
             import traceback
 

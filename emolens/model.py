@@ -165,12 +165,14 @@ def _tiny(name: str, dtype: torch.dtype):
     return hf, tok
 
 
-def _load_hf(name: str, dtype: torch.dtype, trust_remote_code: bool, device_map=None):
+def _load_hf(name: str, dtype: torch.dtype, trust_remote_code: bool, device_map=None, max_memory=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         extra = {"device_map": device_map} if device_map is not None else {}
+        if max_memory is not None:
+            extra["max_memory"] = max_memory
         hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as e:
         raise ModelNotFoundError(
@@ -244,7 +246,8 @@ def _check_local_dir(name: str) -> None:
 
 def load_model(name: str | None = None, *, device: str | torch.device | None = None,
                dtype: torch.dtype | str | None = None, trust_remote_code: bool = False,
-               device_map: str | dict | None = None) -> "EmoModel":
+               device_map: str | dict | None = None, n_devices: int | None = None,
+               max_memory: dict | None = None) -> "EmoModel":
     """Load a chat model and wrap it for emolens.
 
     Args:
@@ -256,6 +259,11 @@ def load_model(name: str | None = None, *, device: str | torch.device | None = N
         device_map: for HF ids, a transformers ``device_map`` (``"auto"``, ``"balanced"``, a dict)
             to split a large model over several GPUs; the model is placed by transformers
             before the bridge boots (TransformerLens refuses ``device_map`` with ``hf_model``).
+        n_devices: for HF ids, split the model evenly over CUDA devices ``0..n-1`` (``"balanced"``
+            with a per-GPU memory cap, resolved by TransformerLens's ``resolve_device_map``).
+        max_memory: for HF ids, accelerate's per-device budget, e.g. ``{0: "70GiB", 1: "70GiB"}``
+            (alone it implies ``device_map="auto"``). Limits: disk/meta offload targets are refused;
+            inputs go to the first layer's device; see docs/scaling.md.
 
     Returns:
         :class:`EmoModel`, in eval mode.
@@ -278,15 +286,17 @@ def load_model(name: str | None = None, *, device: str | torch.device | None = N
         label = f"emolens/{key}"
     elif "/" in name or Path(name).expanduser().exists():
         _check_local_dir(name)
-        hf, tok = _load_hf(name, dtype, trust_remote_code, device_map)
+        device_map, max_memory = _placement(device_map, n_devices, max_memory)
+        hf, tok = _load_hf(name, dtype, trust_remote_code, device_map, max_memory)
         label = name
     else:
         raise ModelNotFoundError(
             f"Unknown model name {name!r}. Known names: {', '.join(KNOWN_MODELS)}. "
             "Any Hugging Face model id (e.g. 'meta-llama/Llama-3.1-8B-Instruct') or local model "
             "directory also works when its files are available.")
-    if device_map is not None and key in KNOWN_MODELS:
-        raise ModelNotFoundError(f"device_map applies to Hugging Face ids; {name!r} is small, pass device= instead.")
+    if (device_map is not None or n_devices not in (None, 1) or max_memory is not None) and key in KNOWN_MODELS:
+        raise ModelNotFoundError(f"device_map/n_devices/max_memory apply to Hugging Face ids; {name!r} is small, "
+                                 "pass device= instead.")
     hf = (hf if device_map is not None else hf.to(device)).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -296,6 +306,19 @@ def load_model(name: str | None = None, *, device: str | torch.device | None = N
         bridge = TransformerBridge.boot_transformers(label, hf_model=hf, tokenizer=tok, dtype=dtype)
     bridge.eval()
     return EmoModel(bridge, tok, key if key in KNOWN_MODELS else name)
+
+
+def _placement(device_map, n_devices, max_memory):
+    """(device_map, max_memory) for transformers, via TransformerLens's rules (errors name the fix)."""
+    if device_map is None and n_devices in (None, 1) and max_memory is None:
+        return None, None
+    from transformer_lens.utilities.multi_gpu import resolve_device_map
+
+    try:
+        device_map, max_memory = resolve_device_map(n_devices, device_map, None, max_memory)
+    except ValueError as e:
+        raise InputError(f"Cannot place the model: {e} (pass device= for one device, or fewer n_devices).") from None
+    return (device_map or "auto"), max_memory
 
 
 # =========================================================================================

@@ -100,7 +100,7 @@ def _norm_cells(model, nodes: str, candidates, n_pos: int) -> list[tuple[int, ..
 
 def patch(model, clean, corrupted, metric, *, nodes: str = "resid", candidates: Any = None, batch_size: int = 64,
           align: str | None = None, resid_site: str = "pre", normalize: bool = False, skip_prefix: bool = True,
-          chat: bool | None = None, system: str | None = None, progress: bool = True) -> Result:
+          chat: bool | None = None, system: str | None = None, progress: bool = True, backend=None) -> Result:
     """Exact activation patching of every cell (or of ``candidates``), batched.
 
     Args:
@@ -116,6 +116,8 @@ def patch(model, clean, corrupted, metric, *, nodes: str = "resid", candidates: 
         normalize: divide by ``M(clean) - M(corrupted)``.
         skip_prefix: recompute only positions from the first one where the clean and corrupted
             prompts differ (earlier positions are identical in every patched run); exact.
+        backend: ``None``/``"local"``, ``"ray"`` or a :class:`~emolens.scale.ScaleConfig`: cells split
+            into shards over Ray workers (:func:`emolens.scale.patch`; equal to the local result to 1e-6).
 
     Returns:
         a :class:`~emolens.results.Result` (kinds ``resid_pos``/``heads``/``heads_pos``/``neurons``/
@@ -123,6 +125,12 @@ def patch(model, clean, corrupted, metric, *, nodes: str = "resid", candidates: 
         (``extra["patched"]`` marks patched cells), ``extra["stderr"]`` is the standard error over
         prompt pairs.
     """
+    if backend not in (None, "local"):
+        from .scale import patch as scaled_patch
+
+        return scaled_patch(model, clean, corrupted, metric, nodes=nodes, candidates=candidates, batch_size=batch_size,
+                            align=align, resid_site=resid_site, normalize=normalize, skip_prefix=skip_prefix,
+                            chat=chat, system=system, backend=backend, progress=progress)
     metric = as_metric(metric)
     if nodes not in PATCH_NODES:
         raise InputError(f"Unknown patching nodes {nodes!r}; use one of {', '.join(PATCH_NODES)}.")

@@ -376,7 +376,7 @@ def sweep(model, prompts: Sequence[Any], vectors: EmotionVectors,
           make_interventions: Callable[[float, int], list] | None = None,
           targets: Sequence[str] = ("joy_trust", "first_person_rate"), max_new_tokens: int = 32,
           batch_size: int = 32, fluency: bool = True, baseline: "tuple[list[str], pd.DataFrame] | None" = None,
-          progress: bool = True, **gen_kwargs: Any) -> SweepResult:
+          progress: bool = True, backend=None, **gen_kwargs: Any) -> SweepResult:
     """Generate and score replies over a strength × layer grid (plus the unsteered baseline, once).
 
     Args:
@@ -390,11 +390,23 @@ def sweep(model, prompts: Sequence[Any], vectors: EmotionVectors,
         max_new_tokens, batch_size, gen_kwargs: decoding (greedy unless ``do_sample=True``).
         fluency: score perplexity under the unsteered model.
         baseline: reuse ``(texts, scores)`` of an earlier unsteered run on the same prompts.
+        backend: ``None``/``"local"``, ``"ray"`` or a :class:`~emolens.scale.ScaleConfig`: one shard
+            per grid point over Ray workers (:func:`emolens.scale.sweep`; ``make_interventions``
+            must then be picklable without the model).
 
     Raises:
         InterventionError: a strength produced NaN/inf logits (the message names it).
     """
     from .progress import progress_bar
+
+    if backend not in (None, "local"):
+        from .scale import sweep as scaled_sweep
+
+        return scaled_sweep(model, prompts, vectors, emotions, strengths=strengths, layers=layers, kind=kind,
+                            strength_mode=strength_mode, position=position, window=window,
+                            make_interventions=make_interventions, targets=targets, max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, fluency=fluency, baseline=baseline, backend=backend,
+                            progress=progress, **gen_kwargs)
 
     prompts = list(prompts)
     if not prompts:
@@ -420,11 +432,18 @@ def sweep(model, prompts: Sequence[Any], vectors: EmotionVectors,
         label = f"strength {s:g} ({strength_mode}) at {kind}.{L}, position mode {position!r}"
         texts[(L, s)] = generate(model, prompts, ivs, label=label, **gen)
         scores[(L, s)] = score_condition(model, prompts, texts[(L, s)], fluency=fluency)
+    return _sweep_result(texts, scores, grid, emotions, targets, kind=kind, strength_mode=strength_mode,
+                         position=position, window=window, max_new_tokens=max_new_tokens, n_prompts=len(prompts))
+
+
+def _sweep_result(texts: dict, scores: dict, grid: list, emotions, targets: Sequence[str], **settings: Any
+                  ) -> SweepResult:
+    """The sweep table from per-point replies and scores (shared with :func:`emolens.scale.sweep`)."""
     base = scores[(None, 0.0)]
     rows = [{"layer": None, "strength": 0.0, **_summary_row(base, base, targets)}]
     rows += [{"layer": L, "strength": s, **_summary_row(scores[(L, s)], base, targets)} for L, s in grid]
-    settings = dict(emotions=list(_weights(emotions)), kind=kind, strength_mode=strength_mode, position=position,
-                    window=list(window), targets=list(targets), max_new_tokens=max_new_tokens, n_prompts=len(prompts))
+    settings = dict(emotions=list(_weights(emotions)), **settings, targets=list(targets))
+    settings["window"] = list(settings["window"])
     return SweepResult(pd.DataFrame(rows), scores, texts, settings)
 
 

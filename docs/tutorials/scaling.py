@@ -23,6 +23,9 @@
 # m = emolens.load_model("meta-llama/Llama-3.1-70B-Instruct", device_map="auto", dtype="bfloat16")
 # ```
 #
+# `n_devices=` and `max_memory=` work the same way. To spread long sweeps over many GPUs or
+# machines (Ray workers, one model each, with resume), see [Scaling on Ray and many GPUs](../scaling.md).
+#
 # ## What costs memory
 #
 # | Work | Memory grows with | Knob |

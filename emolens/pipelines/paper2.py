@@ -286,10 +286,19 @@ def _gen_kwargs(cfg: Paper2Config, method: str) -> dict:
 
 def generate_replies(model, prompts, emotions: Sequence[str | None], *,
                      interventions_for: Callable[[str], list] | None = None, gen_kwargs: dict | None = None,
-                     batch_size: int = 32, progress: bool = False, desc: str = "generate") -> list[str]:
+                     batch_size: int = 32, progress: bool = False, desc: str = "generate", backend=None) -> list[str]:
     """Greedy replies. With ``interventions_for(emotion)``, rows of different emotions share a batch:
-    each emotion's specs are restricted (``rows=``) to that emotion's rows of the batch."""
+    each emotion's specs are restricted (``rows=``) to that emotion's rows of the batch.
+
+    ``backend`` (default: the one set by :func:`emolens.scale.use_backend`, else local): ``"ray"`` or a
+    :class:`~emolens.scale.ScaleConfig` shards the rows over Ray workers (bitwise the same replies)."""
     from ..progress import progress_bar
+    from ..scale import active_backend, generate_replies as scaled_generate
+
+    backend = active_backend() if backend is None else backend
+    if backend not in (None, "local") and len(prompts) > batch_size:
+        return scaled_generate(model, prompts, emotions, interventions_for=interventions_for, gen_kwargs=gen_kwargs,
+                               batch_size=batch_size, backend=backend, progress=progress)
 
     gen_kwargs = dict(gen_kwargs or {})
     prompts = list(prompts)
