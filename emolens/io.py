@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "write_bytes", "write_text", "write_json", "write_parquet", "write_safetensors"]
+__all__ = ["atomic_path", "publish", "write_bytes", "write_text", "write_json", "write_parquet", "write_safetensors"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -43,6 +43,20 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def publish(src: str | Path, target: str | Path) -> Path:
+    """Move a finished file ``src`` over ``target`` atomically (fsync the file, rename, fsync the folder).
+
+    ``src`` must be on the same file system (e.g. a staging folder next to the target).
+    """
+    src, target = Path(src), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(src, target)
+    _fsync_dir(target.parent)
+    return target
 
 
 def write_bytes(target: str | Path, data: bytes) -> Path:
