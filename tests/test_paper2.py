@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -11,7 +12,7 @@ import torch
 
 from emolens.circuits import Circuit
 from emolens.errors import InputError, JudgeError, ResultError
-from emolens.pipelines.paper2 import CALIBRATED, Paper2Config, run
+from emolens.pipelines.paper2 import SIZES, Paper2Config, run
 from emolens.results import Result
 from emolens.sections import Section
 
@@ -26,17 +27,26 @@ def tiny_cfg(**kw) -> Paper2Config:
 def test_config_defaults_roundtrip_and_calibration():
     paper = Paper2Config.paper()
     assert (paper.steer_alpha, paper.circuit_scale, paper.budget_per_sublayer, paper.mlp_ratio) == (8.0, 1.0, 10.0, 0.7)
-    assert paper.influence_alphas == (0.1, 0.3, 0.5, 0.7) and paper.accept_filter
+    assert paper.influence_alphas == (0.1, 0.3, 0.5, 0.7) and paper.accept_filter is True
     assert paper.layers(paper.steer_layers_frac, 28) == list(range(11, 21))
+    # no copied strengths: every model calibrates in the run unless values are passed
     smol = Paper2Config.for_model("smollm2-135m-instruct")
-    assert smol.steer_alpha == CALIBRATED["smollm2-135m-instruct"]["steer_alpha"] and not smol.accept_filter
-    assert Paper2Config.for_model("meta-llama/Llama-3.2-3B-Instruct") == paper
+    assert smol.steer_alpha is None and smol.circuit_scale is None and smol.accept_filter is None
+    assert smol.test_per_theme == SIZES["smollm2-135m-instruct"]["test_per_theme"]
+    assert Paper2Config.for_model("meta-llama/Llama-3.2-3B-Instruct") == Paper2Config()
     d = json.loads(json.dumps(smol.to_dict()))
     assert Paper2Config.from_dict(d) == smol
     with pytest.raises(InputError, match="Unknown Paper2Config"):
         Paper2Config.from_dict({"steer_alpa": 2})
+    with pytest.raises(InputError, match="steer_alpha must be a number"):
+        Paper2Config.from_dict({"steer_alpha": "big"})
+    with pytest.raises(InputError, match="curve_ks"):
+        Paper2Config.from_dict({"curve_ks": 3})
+    with pytest.raises(InputError, match="Unknown emotion"):
+        Paper2Config().replace(emotions=("anger", "contempt"))
     q = smol.quick()
-    assert q.test_max_records <= 4 and q.circuit_max_new_tokens <= 24 and q.steer_alpha == smol.steer_alpha
+    assert q.test_max_records <= 4 and q.circuit_max_new_tokens <= 24 and q.calib_records <= 2
+    assert set(q.calib_alphas) <= set(smol.calib_alphas) and q.steer_alpha is None
 
 
 def test_tiny_end_to_end_and_resume(tmp_path):
@@ -151,7 +161,7 @@ def test_judge_config_errors(tmp_path):
     with pytest.raises(InputError, match="judge_url"):
         run(m, tmp_path, config=tiny_cfg(judge="openai"), progress=False)
     with pytest.raises(InputError, match="Unknown emotion"):
-        run(m, tmp_path, config=tiny_cfg().replace(emotions=("anger", "contempt")), progress=False)
+        run(m, tmp_path, config=dataclasses.replace(tiny_cfg(), emotions=("anger", "contempt")), progress=False)
     assert not (tmp_path / "paper2").exists()  # rejected before any work
 
 

@@ -669,7 +669,12 @@ class RunFolder:
         return rf
 
     def save(self) -> None:
-        io.write_json(self.path / RUN_MARKER, self.state)
+        try:  # keep keys others wrote (the report's title, sections)
+            old = json.loads((self.path / RUN_MARKER).read_text())
+            state = {**(old if isinstance(old, dict) else {}), **self.state}
+        except (OSError, ValueError):
+            state = self.state
+        io.write_json(self.path / RUN_MARKER, state)
 
     def step_done(self, pipeline: str, entry: StepLog) -> None:
         self.state.setdefault("steps", {}).setdefault(pipeline, {})[entry.step] = dataclasses.asdict(entry)
