@@ -97,6 +97,9 @@ def _run_args(p):
     p.add_argument("--only", choices=("paper1", "paper2", "overview"), default=None,
                    help="run only one pipeline (overview = the built-in model overview)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from emolens.pipelines.options import add_data_args
+
+    add_data_args(p, ("paper1", "paper2"))
 
 
 @command("run", "run the pipelines on a model and write a self-contained report.html into a new run folder")(_run_args)
@@ -105,16 +108,15 @@ def _run(args) -> int:
 
     import emolens
     from emolens import report
+    from emolens.pipelines import options
+    from emolens.pipelines.engine import RunFolder, model_fingerprint
 
-    run_dir = report.new_run_dir(args.out, args.name, overwrite=args.overwrite)  # fail early on a taken name
     progress = not args.no_progress
     t0 = time.time()
-    print(f"emolens run -> {run_dir}", flush=True)
-    with _cleanup_if_empty(run_dir):
-        m = emolens.load_model(args.model, device=args.device)
-    settings = {"quick": args.quick, "only": args.only or "all", "device": str(m.device), "dtype": str(m.dtype)}
+    m = emolens.load_model(args.model, device=args.device)
     wanted = [args.only] if args.only else ["paper1", "paper2"]
-    sections, missing, failure = [], [], None
+    overrides = options.read_config_file(args.config, ("paper1", "paper2"))
+    configs, mods, missing = {}, {}, []
     for name in wanted:
         if name == "overview":
             continue
@@ -122,9 +124,27 @@ def _run(args) -> int:
         if mod is None or not hasattr(mod, "run"):
             missing.append(name)
             continue
+        mods[name] = mod
+        if name == "paper1" and hasattr(mod, "Paper1Config"):
+            cfg = options.apply(mod.Paper1Config(), "paper1", args, overrides)
+            configs[name] = cfg.quick() if args.quick else cfg
+        elif name == "paper2" and hasattr(mod, "Paper2Config"):
+            cfg = options.apply(mod.Paper2Config.for_model(m), "paper2", args, overrides)
+            configs[name] = cfg.quick() if args.quick else cfg
+    settings = {"quick": args.quick, "only": args.only or "all", "device": str(m.device), "dtype": str(m.dtype)}
+    identity = {"command": "run", "model": model_fingerprint(m), "quick": args.quick, "only": args.only or "all",
+                "config": {k: v.to_dict() for k, v in configs.items()}}
+    rf = RunFolder.open(args.out, args.name, identity, resume=args.resume, overwrite=args.overwrite)
+    run_dir = rf.path
+    print(f"emolens run -> {run_dir}", flush=True)
+    sections, failure = [], None
+    for name, mod in mods.items():
         print(f"[{name}] running", flush=True)
         try:
-            sections += list(mod.run(m, run_dir, quick=args.quick, progress=progress))
+            kw = {"config": configs[name]} if name in configs else {"quick": args.quick}
+            if name in configs:
+                kw["on_step"] = (lambda n: (lambda e: rf.step_done(n, e)))(name)
+            sections += list(mod.run(m, run_dir, progress=progress, **kw))
         except Exception as e:  # noqa: BLE001 - report what finished, then fail loudly
             import traceback
 
@@ -145,6 +165,7 @@ def _run(args) -> int:
         sections = [report.model_info_section(m, settings)] + sections
     meta = report.run_metadata(m, settings, command="emolens run", elapsed_s=round(time.time() - t0, 1))
     path = report.write_report(sections, run_dir, title=f"emolens report: {m.name}", meta=meta, model_info=m.info())
+    rf.finish("failed" if failure is not None else "done")
     print(f"report: {path.resolve()}")
     if failure is not None:
         raise failure

@@ -358,6 +358,7 @@ class Context:
         self._steps = steps
         self._cache: dict[str, Any] = {}
         self._staging: Path | None = None
+        self._current: Step | None = None
         self.log: dict[str, StepLog] = {}
 
     # -- inside a step -------------------------------------------------------------------------
@@ -369,18 +370,17 @@ class Context:
 
     def load(self, name: str, default: Any = dataclasses.MISSING) -> Any:
         """The output ``name`` of a finished step (``"step.output"`` or a unique output name)."""
-        if name in self._cache:
-            return self._cache[name]
         step, out = self._locate(name)
         if out is None:
             if default is not dataclasses.MISSING:
                 return default
             raise InputError(f"No output {name!r} in {self.root}; the step that writes it has not run.")
-        marker = _read_marker(self.root, step)
-        kind = _kind_named(marker["outputs"][out]["kind"])
-        obj = kind.load(self.root / out, self.model)
-        self._cache[name] = obj
-        return obj
+        key = f"{step}.{out}"
+        if key not in self._cache:
+            marker = _read_marker(self.root, step)
+            kind = _kind_named(marker["outputs"][out]["kind"])
+            self._cache[key] = kind.load(self.root / out, self.model)
+        return self._cache[key]
 
     def has(self, name: str) -> bool:
         return self._locate(name)[1] is not None
@@ -390,11 +390,16 @@ class Context:
         return self.root / rel
 
     def _locate(self, name: str) -> tuple[str | None, str | None]:
+        # while a step runs it sees only its declared inputs: an undeclared read would escape its fingerprint
+        allowed = self._steps if self._current is None else self._current.inputs
         if "." in name and name.split(".", 1)[0] in self._steps:
             step, out = name.split(".", 1)
+            if step not in allowed:
+                raise InputError(f"Step {self._current.name!r} reads {name!r} but does not declare {step!r} as an "
+                                 "input; add it to the step's inputs.")
             m = _read_marker(self.root, step)
             return step, out if m and out in m["outputs"] else None
-        for s in self._steps:
+        for s in allowed:
             m = _read_marker(self.root, s)
             if m and name in m["outputs"]:
                 return s, name
@@ -543,18 +548,18 @@ def run_steps(steps: Sequence[Step], model, config: PipelineConfig, root: str | 
         # forget the old marker first: a crash from here on leaves the step "not done"
         with_old = old
         _marker_path(root, s.name).unlink(missing_ok=True)
-        for k in [k for k in ctx._cache if k.startswith(f"{s.name}.") or (with_old and k in with_old["outputs"])]:
+        for k in [k for k in ctx._cache if k.startswith(f"{s.name}.")]:
             ctx._cache.pop(k, None)
         staging = root / ".staging" / s.name
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        ctx._staging = staging
+        ctx._staging, ctx._current = staging, s
         _crash_hook(s.name, "start")
         t0 = time.time()
         try:
             outs = s.fn(ctx) or {}
         finally:
-            ctx._staging = None
+            ctx._staging, ctx._current = None, None
         out_kinds = {}
         for name, obj in outs.items():
             k = _kind_of(obj)

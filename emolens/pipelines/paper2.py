@@ -19,7 +19,7 @@ inputs are unchanged; the ``step_*`` functions are the same computations with ex
 
 Every hyperparameter lives in :class:`Paper2Config` with the paper's value as default, except the
 steering and circuit strengths, which are calibrated in every run on the analysis split (fluency
-guarded; :func:`calibrate_step`) unless you pass them, and the acceptance filter, which is decided
+guarded; :func:`calibrate_steer_step`, :func:`calibrate_circuit_step`) unless you pass them, and the acceptance filter, which is decided
 from the judge's acceptance rate; the report states what was chosen and why.
 """
 
@@ -49,7 +49,7 @@ __all__ = ["Paper2Config", "SIZES", "STEPS", "GenEval", "make_judge", "generate_
            "step_steer", "step_component_scores", "step_curves", "step_influence", "step_circuits", "step_modulate",
            "step_calibrate", "accuracy_tables", "curve_ratio_table", "analysis_items", "test_items", "check_data",
            "elicit_texts_step", "elicit_step", "stats_step", "scores_step", "curves_step", "influence_step",
-           "circuits_step", "calibrate_step", "eval_prompting_texts_step", "eval_steering_texts_step",
+           "circuits_step", "calibrate_steer_step", "calibrate_circuit_step", "eval_prompting_texts_step", "eval_steering_texts_step",
            "eval_circuit_texts_step", "eval_prompting_step", "eval_steering_step", "eval_circuit_step",
            "examples_step", "run", "circuit_cli", "add_circuit_args"]
 
@@ -59,7 +59,7 @@ __all__ = ["Paper2Config", "SIZES", "STEPS", "GenEval", "make_judge", "generate_
 class Paper2Config(PipelineConfig):
     """Every hyperparameter of the paper-2 pipeline; defaults are the paper's values, except the two
     strengths (``steer_alpha``, ``circuit_scale``: ``None`` = calibrated in the run on the analysis
-    split, see :func:`calibrate_step`) and the acceptance filter (``None`` = decided from the judge's
+    split, see :func:`calibrate_steer_step`, :func:`calibrate_circuit_step`) and the acceptance filter (``None`` = decided from the judge's
     acceptance, see :func:`elicit_step`). :meth:`paper` gives the paper's values for all three.
 
     Layer ranges are fractions of depth (``l / n_layers``, inclusive) so they transfer across
@@ -638,10 +638,13 @@ def check_data(cfg: Paper2Config) -> None:
 
 
 def _strengths(ctx: Context) -> Paper2Config:
-    """The configuration with the calibrated strengths filled in."""
-    cal = ctx.load("calibration")
-    return dataclasses.replace(ctx.config, steer_alpha=float(cal["steer_alpha"]),
-                               circuit_scale=float(cal["circuit_scale"]))
+    """The configuration with the calibrated (or passed) strengths filled in."""
+    kw = {}
+    if ctx.has("steer_calibration"):
+        kw["steer_alpha"] = float(ctx.load("steer_calibration")["steer_alpha"])
+    if ctx.has("circuit_calibration"):
+        kw["circuit_scale"] = float(ctx.load("circuit_calibration")["circuit_scale"])
+    return dataclasses.replace(ctx.config, **kw)
 
 
 def _gen_texts(ctx: Context, ps, kind: str, ivs_for, desc: str) -> dict:
@@ -743,45 +746,49 @@ def circuits_step(ctx: Context) -> dict:
                                       ctx.load("head_scores"))}
 
 
-def calibrate_step(ctx: Context) -> dict:
-    """Strengths for steering (alpha) and circuit modulation (scale): the user's values when given, else a
-    sweep on ``calib_records`` analysis records picked by judge accuracy under the fluency guard
-    (:func:`step_calibrate`). Output ``calibration``: the values, where each came from, and why."""
-    cfg = ctx.config
-    out: dict = {"steer_alpha": cfg.steer_alpha, "circuit_scale": cfg.circuit_scale, "why": {}}
-    for k in ("steer_alpha", "circuit_scale"):
-        if getattr(cfg, k) is not None:
-            out["why"][k] = f"{k} = {getattr(cfg, k):g} was passed in the configuration (no sweep)."
-    res: dict[str, Any] = {}
-    if cfg.steer_alpha is None or cfg.circuit_scale is None:
+def _calibrate(kind: str):
+    key, method, grid_name = {"steer": ("steer_alpha", "steering", "calib_alphas"),
+                              "circuit": ("circuit_scale", "circuit", "calib_scales")}[kind]
+
+    def fn(ctx: Context) -> dict:
+        cfg = ctx.config
+        grid = tuple(getattr(cfg, grid_name))
+        if getattr(cfg, key) is not None:
+            v = float(getattr(cfg, key))
+            return {f"{kind}_calibration": {key: v, "why": f"{key} = {v:g} was passed in the configuration (no "
+                                                        "sweep)."}}
         items = _items(cfg, "analysis", 1, cfg.calib_records)
         table, chosen = step_calibrate(
             ctx.model, items, cfg, ctx.extras["judge"],
-            directions=ctx.load("directions") if cfg.steer_alpha is None else None,
-            circuits=ctx.load("circuits") if cfg.circuit_scale is None else None,
+            directions=ctx.load("directions") if kind == "steer" else None,
+            circuits=ctx.load("circuits") if kind == "circuit" else None,
             dmu_mlp=ctx.load("dmu_mlp"), dmu_attn=ctx.load("dmu_attn"), progress=ctx.progress)
-        res["calibration_table"] = table
-        for k, method, grid in (("steer_alpha", "steering", cfg.calib_alphas),
-                                ("circuit_scale", "circuit", cfg.calib_scales)):
-            if getattr(cfg, k) is not None:
-                continue
-            rows = table[table["method"] == method]
-            base = table[table["method"] == "none"].iloc[0]
-            if k in chosen:
-                r = rows[rows["value"] == chosen[k]].iloc[0]
-                out[k] = float(chosen[k])
-                out["why"][k] = (f"calibrated: {k} = {chosen[k]:g} has the best judge accuracy ({100 * r['accuracy']:.1f}% "
-                                 f"vs {100 * base['accuracy']:.1f}% unsteered) among the grid values "
-                                 f"{list(grid)} whose replies stay fluent (perplexity under the unsteered model "
-                                 f"{r['ppl']:.2f} <= {cfg.calib_max_ppl_ratio:g} x {base['ppl']:.2f}, distinct-2 "
-                                 f"{r['distinct2']:.2f} >= {cfg.calib_min_distinct2:g}) on {len(items)} analysis items.")
-            else:
-                out[k] = float(min(grid))
-                out["why"][k] = (f"calibrated: no value of {list(grid)} kept the replies fluent (perplexity <= "
-                                 f"{cfg.calib_max_ppl_ratio:g} x unsteered, distinct-2 >= {cfg.calib_min_distinct2:g});"
-                                 f" using the smallest, {out[k]:g}.")
-    res["calibration"] = out
-    return res
+        rows = table[table["method"] == method]
+        base = table[table["method"] == "none"].iloc[0]
+        if key in chosen:
+            r = rows[rows["value"] == chosen[key]].iloc[0]
+            v = float(chosen[key])
+            why = (f"calibrated: {key} = {v:g} has the best judge accuracy ({100 * r['accuracy']:.1f}% vs "
+                   f"{100 * base['accuracy']:.1f}% unsteered) among the grid values {list(grid)} whose replies stay "
+                   f"fluent (perplexity under the unsteered model {r['ppl']:.2f} <= {cfg.calib_max_ppl_ratio:g} x "
+                   f"{base['ppl']:.2f}, distinct-2 {r['distinct2']:.2f} >= {cfg.calib_min_distinct2:g}) on "
+                   f"{len(items)} analysis items.")
+        else:
+            v = float(min(grid))
+            why = (f"calibrated: no value of {list(grid)} kept the replies fluent (perplexity <= "
+                   f"{cfg.calib_max_ppl_ratio:g} x unsteered, distinct-2 >= {cfg.calib_min_distinct2:g}); using the "
+                   f"smallest, {v:g}.")
+        return {f"{kind}_calibration": {key: v, "why": why}, f"{kind}_calibration_table": table}
+
+    fn.__name__ = f"calibrate_{kind}_step"
+    fn.__doc__ = (f"The {method} strength ({key}): the configured value when given, else a sweep over {grid_name} "
+                  "on ``calib_records`` analysis records, picked by judge accuracy under the fluency guard "
+                  "(:func:`step_calibrate`); records the value and why.")
+    return fn
+
+
+calibrate_steer_step = _calibrate("steer")
+calibrate_circuit_step = _calibrate("circuit")
 
 
 def eval_prompting_texts_step(ctx: Context) -> dict:
@@ -1081,13 +1088,16 @@ def _circuits_section(ctx: Context) -> Section:
 
 
 def _calibration_section(ctx: Context) -> Section:
-    cal = ctx.load("calibration")
+    cfg = _strengths(ctx)
     s = Section("Calibration: steering and circuit strengths for this model")
-    s.add_text(f"Steering alpha = {cal['steer_alpha']:g} (paper: 8), circuit scale = {cal['circuit_scale']:g} "
-               "(paper: 1). How each was chosen:", *[f"{k}: {v}" for k, v in cal["why"].items()])
-    if ctx.has("calibration_table"):
-        s.add_table("Calibration sweep on the analysis split (judge accuracy, perplexity of the replies under the "
-                    "unsteered model, distinct-2; fluent = passes the guard)", ctx.load("calibration_table").round(4))
+    s.add_text(f"Steering alpha = {cfg.steer_alpha:g} (paper: 8), circuit scale = {cfg.circuit_scale:g} (paper: 1). "
+               "How each was chosen:", "steer_alpha: " + ctx.load("steer_calibration")["why"],
+               "circuit_scale: " + ctx.load("circuit_calibration")["why"])
+    for kind in ("steer", "circuit"):
+        if ctx.has(f"{kind}_calibration_table"):
+            s.add_table(f"{'Steering' if kind == 'steer' else 'Circuit'} calibration sweep on the analysis split "
+                        "(judge accuracy, perplexity of the replies under the unsteered model, distinct-2; fluent = "
+                        "passes the guard)", ctx.load(f"{kind}_calibration_table").round(4))
     return s
 
 
@@ -1146,14 +1156,17 @@ STEPS: tuple[Step, ...] = (
          section=_circuits_section),
     Step("eval_prompting_texts", eval_prompting_texts_step, config=_TEST + ("system_emo",) + _GEN["prompt"],
          data=("test_data",)),
-    Step("calibration", calibrate_step, inputs=("stats", "circuits"),
-         config=_ANALYSIS + ("system_neu", "steer_alpha", "circuit_scale", "calib_alphas", "calib_scales",
-                             "calib_records", "calib_max_ppl_ratio", "calib_min_distinct2") + _STEER + _CIRCUIT
-         + _GEN["steer"] + _GEN["circuit"] + _JUDGE,
+    Step("calibrate_steer", calibrate_steer_step, inputs=("stats",),
+         config=_ANALYSIS + ("system_neu", "steer_alpha", "calib_alphas", "calib_records", "calib_max_ppl_ratio",
+                             "calib_min_distinct2") + _STEER + _GEN["steer"] + _GEN["circuit"] + _JUDGE,
+         data=("analysis_data", "judge_train")),
+    Step("calibrate_circuit", calibrate_circuit_step, inputs=("stats", "circuits"),
+         config=_ANALYSIS + ("system_neu", "circuit_scale", "calib_scales", "calib_records", "calib_max_ppl_ratio",
+                             "calib_min_distinct2") + _CIRCUIT + _GEN["circuit"] + _JUDGE,
          data=("analysis_data", "judge_train"), section=_calibration_section),
-    Step("eval_steering_texts", eval_steering_texts_step, inputs=("stats", "calibration"),
+    Step("eval_steering_texts", eval_steering_texts_step, inputs=("stats", "calibrate_steer"),
          config=_TEST + ("system_neu",) + _STEER + _GEN["steer"], data=("test_data",)),
-    Step("eval_circuit_texts", eval_circuit_texts_step, inputs=("stats", "circuits", "calibration"),
+    Step("eval_circuit_texts", eval_circuit_texts_step, inputs=("stats", "circuits", "calibrate_circuit"),
          config=_TEST + ("system_neu",) + _CIRCUIT + _GEN["circuit"], data=("test_data",)),
     Step("eval_prompting", eval_prompting_step, inputs=("eval_prompting_texts",),
          config=_TEST + ("system_emo",) + _JUDGE, data=("test_data", "judge_train")),
@@ -1161,7 +1174,7 @@ STEPS: tuple[Step, ...] = (
          config=_TEST + ("system_neu",) + _JUDGE, data=("test_data", "judge_train")),
     Step("eval_circuit", eval_circuit_step, inputs=("eval_circuit_texts",),
          config=_TEST + ("system_neu",) + _JUDGE, data=("test_data", "judge_train")),
-    Step("examples", examples_step, inputs=("stats", "circuits", "calibration"),
+    Step("examples", examples_step, inputs=("stats", "circuits", "calibrate_steer", "calibrate_circuit"),
          config=("emotions", "valences", "test_columns", "system_emo", "system_neu", "example_record",
                  "example_valence") + _STEER + _CIRCUIT + _GEN["prompt"] + _GEN["steer"] + _GEN["circuit"],
          data=("test_data",), section=_control_section),
