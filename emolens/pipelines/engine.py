@@ -403,6 +403,12 @@ class Context:
             m = _read_marker(self.root, s)
             if m and name in m["outputs"]:
                 return s, name
+        if self._current is not None:
+            for s in self._steps:
+                m = _read_marker(self.root, s)
+                if m and name in m["outputs"]:
+                    raise InputError(f"Step {self._current.name!r} reads {name!r} (an output of {s!r}) but does not "
+                                     f"declare {s!r} as an input; add it to the step's inputs.")
         return None, None
 
     def seconds(self, step: str) -> float:
@@ -691,3 +697,30 @@ class RunFolder:
 
 
 _register_builtin_kinds()
+
+
+def diff_outputs(a: str | Path, b: str | Path) -> list[str]:
+    """Output files that differ between two pipeline or run folders (tables compared as data, everything else
+    byte for byte); step markers, staging, run.json, the report and its sections are not outputs."""
+    import pandas as pd
+
+    a, b = Path(a), Path(b)
+
+    def files(root: Path) -> set[str]:
+        skip = ("steps", ".staging", "sections")
+        return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()
+                and not any(part in skip for part in p.relative_to(root).parts)
+                and p.name not in (RUN_MARKER, "report.html")}
+
+    fa, fb = files(a), files(b)
+    out = sorted(fa ^ fb)
+    for rel in sorted(fa & fb):
+        pa, pb = a / rel, b / rel
+        if rel.endswith(".parquet"):
+            try:
+                pd.testing.assert_frame_equal(pd.read_parquet(pa), pd.read_parquet(pb))
+            except AssertionError:
+                out.append(rel)
+        elif pa.read_bytes() != pb.read_bytes():
+            out.append(rel)
+    return out
