@@ -383,18 +383,21 @@ class Context:
         return self._cache[key]
 
     def has(self, name: str) -> bool:
-        return self._locate(name)[1] is not None
+        """Whether ``name`` is available to the running step (an output of a declared input that exists)."""
+        return self._locate(name, strict=False)[1] is not None
 
     def file(self, rel: str) -> Path:
         """A published extra file of a finished step."""
         return self.root / rel
 
-    def _locate(self, name: str) -> tuple[str | None, str | None]:
+    def _locate(self, name: str, strict: bool = True) -> tuple[str | None, str | None]:
         # while a step runs it sees only its declared inputs: an undeclared read would escape its fingerprint
         allowed = self._steps if self._current is None else self._current.inputs
         if "." in name and name.split(".", 1)[0] in self._steps:
             step, out = name.split(".", 1)
             if step not in allowed:
+                if not strict:
+                    return None, None
                 raise InputError(f"Step {self._current.name!r} reads {name!r} but does not declare {step!r} as an "
                                  "input; add it to the step's inputs.")
             m = _read_marker(self.root, step)
@@ -403,7 +406,7 @@ class Context:
             m = _read_marker(self.root, s)
             if m and name in m["outputs"]:
                 return s, name
-        if self._current is not None:
+        if self._current is not None and strict:
             for s in self._steps:
                 m = _read_marker(self.root, s)
                 if m and name in m["outputs"]:
