@@ -873,6 +873,8 @@ def add_steer_args(p) -> None:
     p.add_argument("--window", default="-3,-2,-1", help="locus window: offsets from the prompt end")
     p.add_argument("--max-new-tokens", type=int, default=60)
     p.add_argument("--save-gguf", default=None, help="also write the steering vector as a llama.cpp control vector")
+    p.add_argument("--pairs-data", default=None, help="contrastive pairs to build the vector from (JSONL/CSV/parquet "
+                   "or a datasets folder; schema: emotion, positive, negative[, split]); default: the packaged pairs")
 
 
 def steer_cli(args) -> int:
@@ -932,7 +934,10 @@ def steer_cli(args) -> int:
             else:
                 vecs.combine(emotions, name)
     if vecs is None:
-        pairs = load_contrastive_pairs(emotions=emotions, split="train")
+        pairs = load_contrastive_pairs(args.pairs_data, emotions=emotions, split="train")
+        if not len(pairs):
+            raise InputError(f"No training pairs for {emotions} in {args.pairs_data or 'the packaged pairs'}; add "
+                             "pairs for these emotions or pick others with --emotion.")
         vecs = emotion_vectors(m, pairs, layers=[layer], progress=False)
         if len(emotions) > 1:
             vecs.combine(emotions, name)
