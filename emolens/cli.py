@@ -131,6 +131,9 @@ def _run(args) -> int:
         elif name == "paper2" and hasattr(mod, "Paper2Config"):
             cfg = options.apply(mod.Paper2Config.for_model(m), "paper2", args, overrides)
             configs[name] = cfg.quick() if args.quick else cfg
+    for name, cfg in configs.items():  # bad data files fail before a run folder exists
+        if hasattr(mods[name], "check_data"):
+            mods[name].check_data(cfg)
     settings = {"quick": args.quick, "only": args.only or "all", "device": str(m.device), "dtype": str(m.dtype)}
     identity = {"command": "run", "model": model_fingerprint(m), "quick": args.quick, "only": args.only or "all",
                 "config": {k: v.to_dict() for k, v in configs.items()}}
@@ -231,7 +234,10 @@ def _attribute_args(p):
     p.add_argument("--chat", action="store_true", help="wrap the prompts in the chat template")
     p.add_argument("--out", default="runs", help="folder that holds run folders (default: ./runs)")
     p.add_argument("--name", default=None, help="run folder name (default: a timestamp)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same --name")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same --name; with "
+                   "--resume: continue it under changed options")
+    p.add_argument("--resume", default=None, metavar="DIR", help="reuse the attribution saved in the run folder DIR "
+                   "when the model and options match (refused otherwise unless --overwrite)")
     p.add_argument("--top", type=int, default=10, help="rows in the top-component tables")
     p.add_argument("--method", default="atp", choices=("atp", "atp*", "ig"),
                    help="attribution patching, AtP* (QK fix + GradDrop) or integrated gradients (default: atp)")
@@ -249,10 +255,32 @@ def _attribute(args) -> int:
     from emolens import report, viz
     from emolens.sections import Section
 
-    run_dir = report.new_run_dir(args.out, args.name, overwrite=args.overwrite)
-    with _cleanup_if_empty(run_dir):
-        m = emolens.load_model(args.model, device=args.device)
-        results = _attribution_results(m, args)
+    from dataclasses import dataclass
+
+    from emolens.pipelines.engine import PipelineConfig, RunFolder, Step, model_fingerprint, run_steps
+
+    @dataclass
+    class AttributeConfig(PipelineConfig):
+        clean: str = ""
+        corrupted: str = ""
+        target: str = ""
+        foil: str = ""
+        chat: bool = False
+        method: str = "atp"
+        nodes: str = ""
+
+    cfg = AttributeConfig(args.clean, args.corrupted, args.target, args.foil, bool(args.chat), args.method, args.nodes)
+    m = emolens.load_model(args.model, device=args.device)
+    rf = RunFolder.open(args.out, args.name, {"command": "attribute", "model": model_fingerprint(m),
+                                              "config": cfg.to_dict()}, resume=args.resume, overwrite=args.overwrite)
+    run_dir = rf.path
+    # one engine step: a resumed folder reuses the saved attribution when model and options match
+    step = Step("attribution", lambda ctx: {"attribution": _attribution_results(ctx.model, args) or
+                                            {"_empty": {}}}, config=tuple(cfg.to_dict()))
+    ctx = run_steps([step], m, cfg, run_dir / "attribute", progress=not args.no_progress, label="attribute",
+                    on_step=lambda e: rf.step_done("attribute", e))
+    results = ctx.load("attribution")
+    results = results if isinstance(results, dict) and "_empty" not in results else {}
     if not results:
         raise emolens.InputError(f"Attribution returned no results for nodes {args.nodes!r}.")
     first = next(iter(results.values()))
@@ -272,6 +300,7 @@ def _attribute(args) -> int:
                 "chat": args.chat, "method": args.method, "nodes": args.nodes}
     path = report.write_report([report.model_info_section(m), sec], run_dir, title=f"emolens attribution: {m.name}",
                                meta=report.run_metadata(m, settings, command="emolens attribute"), model_info=m.info())
+    rf.finish()
     for name, res in results.items():
         if res.scores.numel():
             t = res.top(1)[0]

@@ -246,3 +246,64 @@ def test_a_changed_field_recomputes_exactly_its_dependents_and_equals_a_fresh_ru
                                                                 "eval_circuit", "examples"]
     paper2.run(m, tmp_path / "fresh2", config=c2b, progress=False)
     assert diff_outputs(tmp_path / "b" / "paper2", tmp_path / "fresh2" / "paper2") == []
+
+
+def test_attribute_resume_from_the_cli(tmp_path, capsys):
+    from emolens.cli import main
+
+    args = ["attribute", "--model", "tiny-llama", "--device", "cpu", "--clean", "I am happy", "--corrupted",
+            "I am angry", "--target", " smile", "--foil", " shout", "--out", str(tmp_path), "--no-progress"]
+    assert main(args + ["--name", "a"]) == 0
+    marker = tmp_path / "a" / "attribute" / "steps" / "attribution.json"
+    before = marker.read_text()
+    assert main(args + ["--resume", str(tmp_path / "a")]) == 0
+    steps = json.loads((tmp_path / "a" / "run.json").read_text())["steps"]["attribute"]
+    assert steps["attribution"]["status"] == "reused" and marker.read_text() == before
+    capsys.readouterr()
+    other = [a if a != " smile" else " grin" for a in args]
+    assert main(other + ["--resume", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "config.target: ' smile' -> ' grin'" in err and "--overwrite" in err
+    assert main(other + ["--resume", str(tmp_path / "a"), "--overwrite"]) == 0
+    steps = json.loads((tmp_path / "a" / "run.json").read_text())["steps"]["attribute"]
+    assert steps["attribution"]["status"] == "computed" and "config changed: target" in steps["attribution"]["reason"]
+    # a folder that is not a run
+    (tmp_path / "plain").mkdir()
+    assert main(args + ["--resume", str(tmp_path / "plain")]) == 2
+    assert "not an emolens run folder" in capsys.readouterr().err
+
+
+def test_circuit_quick_evaluates_on_a_user_test_file(tmp_path, capsys):
+    """`emolens circuit --quick --test-data FILE` evaluates on that file (CSV, mapped columns)."""
+    import pandas as pd
+
+    import argparse
+
+    from emolens.errors import DataError
+    from emolens.pipelines.paper2 import circuit_cli
+
+    def main(argv):  # the subcommand's own parser (emolens.cli.main's pass-through is tested elsewhere)
+        return circuit_cli(argparse.Namespace(rest=argv[1:]))
+
+    rows = [{"topic": f"pets-{i}", "id": f"my-{i}", "scenario": f"I adopted a cat named Tom number {i}.",
+             "event.positive": "He purrs on my lap every evening.", "event.neutral": "He sleeps on the sofa.",
+             "event.negative": "He ran away through the open window."} for i in range(2)]
+    f = tmp_path / "mine.csv"
+    pd.DataFrame(rows).to_csv(f, index=False)
+    code = main(["circuit", "--model", "tiny-llama", "--device", "cpu", "--quick", "--test-data", str(f),
+                 "--columns", "test:theme=topic,skeleton_id=id", "--steer-alpha", "2", "--circuit-scale", "2",
+                 "--out", str(tmp_path), "--name", "c", "--no-progress"])
+    assert code == 0
+    root = tmp_path / "c" / "paper2"
+    for method in ("prompting", "steering", "circuit"):
+        ev = pd.read_parquet(root / f"eval_{method}.parquet")
+        assert set(ev["skeleton_id"]) == {"my-0", "my-1"} and set(ev["theme"]) == {"pets-0", "pets-1"}
+    cal = json.loads((root / "circuit_calibration.json").read_text())
+    assert cal["circuit_scale"] == 2.0 and "passed" in cal["why"]
+    # a broken test file fails before any work, naming the file, line and field
+    rows[1]["event.negative"] = ""
+    pd.DataFrame(rows).to_csv(f, index=False)
+    with pytest.raises(DataError, match=r"mine.csv, line 3: 'event' is missing the valence 'negative'"):
+        main(["circuit", "--model", "tiny-llama", "--device", "cpu", "--quick", "--test-data", str(f),
+              "--columns", "test:theme=topic,skeleton_id=id", "--out", str(tmp_path), "--name", "d"])
+    assert not (tmp_path / "d").exists()

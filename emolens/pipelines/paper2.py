@@ -1282,6 +1282,8 @@ def circuit_cli(args) -> int:
         args = p.parse_args(rest)
     m = emolens.load_model(args.model, device=args.device)
     cfg = config_from_args(m, args)
+    make_judge(cfg)
+    check_data(cfg)  # a bad data file fails before a run folder exists
     identity = {"command": "circuit", "model": model_fingerprint(m), "config": {"paper2": cfg.to_dict()}}
     rf = RunFolder.open(args.out, args.name, identity, resume=args.resume, overwrite=args.overwrite)
     t0 = time.time()
