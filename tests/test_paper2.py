@@ -45,7 +45,8 @@ def test_config_defaults_roundtrip_and_calibration():
     with pytest.raises(InputError, match="Unknown emotion"):
         Paper2Config().replace(emotions=("anger", "contempt"))
     q = smol.quick()
-    assert q.test_max_records <= 4 and q.circuit_max_new_tokens <= 24 and q.calib_records <= 2
+    assert q.test_max_records <= 4 and q.circuit_max_new_tokens <= 24 and q.calib_records == 1
+    assert q.accept_filter is False and Paper2Config.paper().quick().accept_filter is True
     assert set(q.calib_alphas) <= set(smol.calib_alphas) and q.steer_alpha is None
 
 

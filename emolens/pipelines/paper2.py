@@ -162,11 +162,13 @@ class Paper2Config(PipelineConfig):
         return cls().replace(**over) if over else cls()
 
     def quick(self) -> "Paper2Config":
-        """A small, fast variant (same methods, fewer samples and tokens, a small calibration grid)."""
+        """A small, fast variant: fewer samples and tokens, a small calibration grid on one record, and (unless
+        set) no acceptance filter, which saves the elicitation pass over the analysis split."""
         return self.replace(analysis_per_theme=1, test_per_theme=1,
+                            accept_filter=False if self.accept_filter is None else self.accept_filter,
                             test_max_records=min(self.test_max_records or 4, 4), curve_samples=8,
                             curve_n_random=3, curve_layers_frac=self.curve_layers_frac[:1], influence_samples=8,
-                            influence_alphas=(0.3, 0.7), calib_records=min(self.calib_records, 2),
+                            influence_alphas=(0.3, 0.7), calib_records=1,
                             calib_alphas=tuple(a for a in self.calib_alphas if a <= 4.0)[:3] or self.calib_alphas[:1],
                             calib_scales=tuple(s for s in self.calib_scales if s <= 4.0)[:3] or self.calib_scales[:1],
                             prompt_max_new_tokens=min(self.prompt_max_new_tokens, 24),
@@ -679,7 +681,8 @@ def elicit_step(ctx: Context) -> dict:
 
     cfg = ctx.config
     if cfg.accept_filter is False:
-        return {"acceptance": {"use_filter": False, "reason": "accept_filter=False: every sample is used."}}
+        return {"acceptance": {"use_filter": False, "reason": "accept_filter=False (quick mode's default, or set): "
+                                                            "every sample is used."}}
     items = analysis_items(cfg)
     ps = emo_prompts(items, cfg.emotions, cfg.system_emo)
     samples = _judged(ctx, ps, "elicit_texts", "prompting (analysis)")
