@@ -36,7 +36,7 @@ def add_data_args(p, pipelines=("paper1", "paper2")) -> None:
     p.add_argument("--columns", action="append", default=[], metavar="DATA:FIELD=COLUMN[,FIELD=COLUMN]",
                    help=f"map schema fields to your column names, DATA one of {', '.join(names)} (e.g. "
                         "test:theme=topic,event.positive=good); repeatable")
-    p.add_argument("--config", default=None, help="JSON file of configuration fields to override"
+    p.add_argument("--config", default=None, help="JSON file (or inline JSON) of configuration fields to override"
                    + (' ({"paper1": {...}, "paper2": {...}})' if len(pipelines) > 1 else ""))
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run in DIR (a killed or finished run): finished steps whose inputs are "
@@ -63,8 +63,9 @@ def read_config_file(path: str | None, pipelines) -> dict[str, dict]:
     """``--config FILE``: ``{"paper1": {...}, "paper2": {...}}`` (or the fields of the single pipeline)."""
     if not path:
         return {}
-    try:
-        over = json.loads(Path(path).read_text())
+    try:  # a file, or the JSON itself
+        text = path if str(path).lstrip().startswith("{") else Path(path).read_text()
+        over = json.loads(text)
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(f"Cannot read --config {path}: {e}") from None
     if not isinstance(over, dict):
