@@ -74,6 +74,13 @@ def test_tiny_end_to_end_and_resume(tmp_path):
     assert any("prompting vs steering vs circuit" in t for t in titles)
     acc = [t for s in secs for cap, t in s.tables if cap.startswith("Accuracy per emotion")][0]
     assert list(acc["method"]) == ["prompting", "steering", "circuit"]
+    # strengths: calibrated in the run (tiny sizes: a one-value grid), recorded with the reason
+    for kind, key in (("steer", "steer_alpha"), ("circuit", "circuit_scale")):
+        cal = json.loads((root / f"{kind}_calibration.json").read_text())
+        assert cal[key] == 2.0 and cal["why"].startswith("calibrated")
+        assert (root / f"{kind}_calibration_table.parquet").exists()
+    cal_sec = [s for s in secs if s.title.startswith("Calibration")][0]
+    assert any("steer_alpha: calibrated" in t for t in cal_sec.text)
     figs = sum(len(s.figures) for s in secs)
     assert figs >= 12  # 4 PCA, cosine maps, heads, neurons, 4 curve plots, influence, allocation ...
     # resume: a second call reuses every finished step
@@ -172,7 +179,8 @@ def test_embedded_model_small_run(tmp_path, smol):
         analysis_per_theme=1, analysis_max_records=3, test_per_theme=1, test_max_records=1, curve_samples=4,
         curve_n_random=2, curve_ks=(0, 1, 2, 4), curve_layers_frac=(0.5,), influence_samples=3,
         influence_alphas=(0.5,), prompt_max_new_tokens=8, steer_max_new_tokens=8, circuit_max_new_tokens=8,
-        steer_min_new_tokens=4, circuit_min_new_tokens=4, gen_batch_size=18)
+        steer_min_new_tokens=4, circuit_min_new_tokens=4, gen_batch_size=18, accept_filter=False, steer_alpha=1.0,
+        circuit_scale=2.0)
     secs = run(smol, tmp_path, config=cfg, progress=False)
     root = tmp_path / "paper2"
     inf = Result.load(root / "influence")
