@@ -12,7 +12,7 @@ Ends with ``RESULT resume_equal=<true|false> stale_reused=<count> killed_points=
 counts steps of the resumed run whose fingerprint or output hashes differ from the uninterrupted run's
 (a reused stale output would show here); ``killed_points`` the processes that died by SIGKILL.
 
-Usage: ``python benchmarks/resume.py [--kills 10] [--model smollm2-135m-instruct] [--config FILE]``
+Usage: ``python benchmarks/resume.py [--kills 10] [--model smollm2-135m-instruct] [--config FILE] [--ref DIR]``
 (``--config``: a JSON file of ``{"paper1": {...}, "paper2": {...}}`` overrides to shrink the run).
 """
 
@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", default=None, help="keep the run folders here")
+    ap.add_argument("--ref", default=None, help="an uninterrupted run of the same command to compare with (e.g. the "
+                    "folder `make run` wrote); default: run one first")
     args = ap.parse_args(argv)
     from emolens.pipelines.engine import diff_outputs
 
@@ -54,13 +56,20 @@ def main(argv=None) -> int:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", EMOLENS_PROGRESS="0")
     env.pop("EMOLENS_CRASH_AT", None)
 
-    t0 = time.time()
-    r = subprocess.run(base + ["--name", "ref"], env=env, cwd=ROOT, capture_output=True, text=True)
-    t_ref = time.time() - t0
-    if r.returncode != 0:
-        print(r.stderr[-3000:])
-        return 1
-    print(f"uninterrupted run: {t_ref:.0f} s", flush=True)
+    if args.ref:
+        ref = Path(args.ref)
+        state = json.loads((ref / "run.json").read_text())
+        t_ref = float(state["meta"]["elapsed_s"])
+        print(f"uninterrupted run: {ref} ({t_ref:.0f} s)", flush=True)
+    else:
+        ref = out / "ref"
+        t0 = time.time()
+        r = subprocess.run(base + ["--name", "ref"], env=env, cwd=ROOT, capture_output=True, text=True)
+        t_ref = time.time() - t0
+        if r.returncode != 0:
+            print(r.stderr[-3000:])
+            return 1
+        print(f"uninterrupted run: {t_ref:.0f} s", flush=True)
     # startup (imports + model load) before any step runs
     t0 = time.time()
     subprocess.run([sys.executable, "-c", f"import emolens; emolens.load_model({args.model!r}, device='cpu')"],
@@ -106,10 +115,16 @@ def main(argv=None) -> int:
     if r.returncode != 0:
         print(r.stderr[-3000:])
         return 1
-    diff = diff_outputs(out / "ref", killed)
+    if args.ref:  # the same command must have made the reference
+        a = json.loads((ref / "run.json").read_text())["identity"]
+        b = json.loads((killed / "run.json").read_text())["identity"]
+        if a != b:
+            print("--ref holds a run of another model or configuration")
+            return 1
+    diff = diff_outputs(ref, killed)
     stale = 0
     for paper in ("paper1", "paper2"):
-        for m in sorted((out / "ref" / paper / "steps").glob("*.json")):
+        for m in sorted((ref / paper / "steps").glob("*.json")):
             a = json.loads(m.read_text())
             try:
                 b = json.loads((killed / paper / "steps" / m.name).read_text())
