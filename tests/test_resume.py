@@ -307,3 +307,18 @@ def test_circuit_quick_evaluates_on_a_user_test_file(tmp_path, capsys):
         main(["circuit", "--model", "tiny-llama", "--device", "cpu", "--quick", "--test-data", str(f),
               "--columns", "test:theme=topic,skeleton_id=id", "--out", str(tmp_path), "--name", "d"])
     assert not (tmp_path / "d").exists()
+
+
+def test_folder_outputs_are_replaced_whole(tmp_path):
+    """Files a lost earlier version of a step left in its output folder are never loaded with the new ones."""
+    from emolens.results import Result
+    import torch
+
+    def make(ctx):
+        return {"curves": {f"k{i}": Result("layers", torch.ones(2) * i, ("layer",)) for i in range(ctx.config.x)}}
+
+    steps = (Step("c", make, config=("x",)),)
+    run_steps(steps, ToyModel(), ToyConfig(x=3), tmp_path, progress=False)
+    (tmp_path / "steps" / "c.json").unlink()  # a crash after the marker was dropped, before the new outputs
+    ctx = run_steps(steps, ToyModel(), ToyConfig(x=2), tmp_path, progress=False)
+    assert sorted(ctx.load("curves")) == ["k0", "k1"] and not (tmp_path / "curves" / "k2.safetensors").exists()

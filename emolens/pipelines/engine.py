@@ -576,6 +576,11 @@ def run_steps(steps: Sequence[Step], model, config: PipelineConfig, root: str | 
             out_kinds[name] = {"kind": k.name}
         seconds = time.time() - t0
         _crash_hook(s.name, "staged")
+        # a folder output (curves/, replies/, ...) is replaced as a whole: files an older version of the step
+        # wrote there (e.g. before a crash that lost its marker) must not be loaded with the new ones
+        for name in out_kinds:
+            if (staging / name).is_dir():
+                shutil.rmtree(root / name, ignore_errors=True)
         files = _publish(staging, root, s.name)
         # files of the previous version of this step that the new one did not write
         if with_old:
