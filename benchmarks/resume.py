@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     out = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="emolens-resume-"))
     out.mkdir(parents=True, exist_ok=True)
-    for n in ("ref", "killed"):
+    for n in ("killed",) if args.ref else ("ref", "killed"):
         shutil.rmtree(out / n, ignore_errors=True)
     base = [sys.executable, "-m", "emolens.cli", "run", "--quick", "--model", args.model, "--device", "cpu",
             "--out", str(out), "--no-progress"] + (["--config", args.config] if args.config else [])
@@ -91,7 +91,9 @@ def main(argv=None) -> int:
             p.wait()
         else:
             # spread the random kills over the run: each process gets its startup plus a random slice
-            delay = t_start + rng.uniform(0.2, 1.6) * (t_ref - t_start) / max(n_random, 1)
+            # (slices short enough that every process is killed before the run can finish, even if the
+            # machine got faster than during the reference run)
+            delay = t_start + rng.uniform(0.1, 0.9) * (t_ref - t_start) / (n_random + 2)
             p = subprocess.Popen(cmd, env=e, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             try:
                 p.wait(timeout=delay)
@@ -105,10 +107,13 @@ def main(argv=None) -> int:
         elif p.returncode != 0:
             print(err[-3000:])
             return 1
+        else:
+            what = f"not killed (finished before {what.split()[-2]} s)" if i >= len(hooks) else what
         state = json.loads((killed / "run.json").read_text())
         done = sum(v["status"] in ("computed", "reused") for s in state.get("steps", {}).values() for v in s.values())
         attempts.append((what, p.returncode, done))
-        print(f"process {i + 1}: killed {what}: rc={p.returncode}, steps recorded so far {done}", flush=True)
+        label = what if what.startswith("not killed") else f"killed {what}"
+        print(f"process {i + 1}: {label}: rc={p.returncode}, steps recorded so far {done}", flush=True)
     t0 = time.time()
     r = subprocess.run(base + ["--resume", str(killed)], env=env, cwd=ROOT, capture_output=True, text=True)
     print(f"final resume: {time.time() - t0:.0f} s, rc={r.returncode}", flush=True)
