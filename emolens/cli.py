@@ -6,7 +6,6 @@ Subcommands register themselves in :data:`COMMANDS`; each gets ``--help`` text.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 from typing import Callable
@@ -87,8 +86,6 @@ def _demo_args(p):
     'emolens demo --prompt "Tell me about your day." --max-new-tokens 20',
 ])(_demo_args)
 def _demo(args) -> int:
-    import torch
-
     import emolens
     from emolens import Pos, capture, resid
     from emolens.interventions import Add
@@ -130,8 +127,11 @@ def _run_args(p):
     p.add_argument("--only", choices=("paper1", "paper2", "overview"), default=None,
                    help="run only one pipeline (overview = the built-in model overview)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from emolens.pipelines.options import add_data_args
+
     from .scale import add_backend_args
 
+    add_data_args(p, ("paper1", "paper2"))
     add_backend_args(p)
 
 
@@ -146,21 +146,15 @@ def _run(args) -> int:
 
     import emolens
     from emolens import report
+    from emolens.pipelines import options
+    from emolens.pipelines.engine import RunFolder, model_fingerprint
 
-    run_dir = report.new_run_dir(args.out, args.name, overwrite=args.overwrite)  # fail early on a taken name
     progress = not args.no_progress
     t0 = time.time()
-    print(f"emolens run -> {run_dir}", flush=True)
-    with _cleanup_if_empty(run_dir):
-        m = emolens.load_model(args.model, device=args.device)
-    settings = {"quick": args.quick, "only": args.only or "all", "device": str(m.device), "dtype": str(m.dtype)}
+    m = emolens.load_model(args.model, device=args.device)
     wanted = [args.only] if args.only else ["paper1", "paper2"]
-    sections, missing, failure = [], [], None
-    from .scale import config_from_args, use_backend
-
-    backend = config_from_args(args, run_dir / "scale")  # None = local; finished shards under RUN/scale/shards
-    if backend is not None:
-        settings["backend"] = f"{backend.backend} ({backend.address or 'local cluster'})"
+    overrides = options.read_config_file(args.config, ("paper1", "paper2"))
+    configs, mods, missing = {}, {}, []
     for name in wanted:
         if name == "overview":
             continue
@@ -168,10 +162,36 @@ def _run(args) -> int:
         if mod is None or not hasattr(mod, "run"):
             missing.append(name)
             continue
+        mods[name] = mod
+        if name == "paper1" and hasattr(mod, "Paper1Config"):
+            cfg = options.apply(mod.Paper1Config(), "paper1", args, overrides)
+            configs[name] = cfg.quick() if args.quick else cfg
+        elif name == "paper2" and hasattr(mod, "Paper2Config"):
+            cfg = options.apply(mod.Paper2Config.for_model(m), "paper2", args, overrides)
+            configs[name] = cfg.quick() if args.quick else cfg
+    for name, cfg in configs.items():  # bad data files fail before a run folder exists
+        if hasattr(mods[name], "check_data"):
+            mods[name].check_data(cfg)
+    settings = {"quick": args.quick, "only": args.only or "all", "device": str(m.device), "dtype": str(m.dtype)}
+    identity = {"command": "run", "model": model_fingerprint(m), "quick": args.quick, "only": args.only or "all",
+                "config": {k: v.to_dict() for k, v in configs.items()}}
+    rf = RunFolder.open(args.out, args.name, identity, resume=args.resume, overwrite=args.overwrite)
+    run_dir = rf.path
+    print(f"emolens run -> {run_dir}", flush=True)
+    sections, failure = [], None
+    from .scale import config_from_args, use_backend
+
+    backend = config_from_args(args, run_dir / "scale")  # None = local; finished shards under RUN/scale/shards
+    if backend is not None:
+        settings["backend"] = f"{backend.backend} ({backend.address or 'local cluster'})"
+    for name, mod in mods.items():
         print(f"[{name}] running", flush=True)
         try:
+            kw = {"config": configs[name]} if name in configs else {"quick": args.quick}
+            if name in configs:
+                kw["on_step"] = (lambda n: (lambda e: rf.step_done(n, e)))(name)
             with use_backend(backend):  # evaluation generations shard over Ray workers
-                sections += list(mod.run(m, run_dir, quick=args.quick, progress=progress))
+                sections += list(mod.run(m, run_dir, progress=progress, **kw))
         except Exception as e:  # noqa: BLE001 - report what finished, then fail loudly
             import traceback
 
@@ -192,21 +212,11 @@ def _run(args) -> int:
         sections = [report.model_info_section(m, settings)] + sections
     meta = report.run_metadata(m, settings, command="emolens run", elapsed_s=round(time.time() - t0, 1))
     path = report.write_report(sections, run_dir, title=f"emolens report: {m.name}", meta=meta, model_info=m.info())
+    rf.finish("failed" if failure is not None else "done")
     print(f"report: {path.resolve()}")
     if failure is not None:
         raise failure
     return 0
-
-
-@contextlib.contextmanager
-def _cleanup_if_empty(run_dir: Path):
-    """Remove a fresh run folder again when the command fails before writing anything into it."""
-    try:
-        yield
-    except BaseException:
-        if run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()
-        raise
 
 
 def _report_args(p):
@@ -276,7 +286,10 @@ def _attribute_args(p):
     p.add_argument("--chat", action="store_true", help="wrap the prompts in the chat template")
     p.add_argument("--out", default="runs", help="folder that holds run folders (default: ./runs)")
     p.add_argument("--name", default=None, help="run folder name (default: a timestamp)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same --name")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same --name; with "
+                   "--resume: continue it under changed options")
+    p.add_argument("--resume", default=None, metavar="DIR", help="reuse the attribution saved in the run folder DIR "
+                   "when the model and options match (refused otherwise unless --overwrite)")
     p.add_argument("--top", type=_positive_int, default=10, help="rows in the top-component tables (>= 1)")
     p.add_argument("--method", default="atp", choices=("atp", "atp*", "ig"),
                    help="attribution patching, AtP* (QK fix + GradDrop) or integrated gradients (default: atp)")
@@ -299,10 +312,32 @@ def _attribute(args) -> int:
     from emolens import report, viz
     from emolens.sections import Section
 
-    run_dir = report.new_run_dir(args.out, args.name, overwrite=args.overwrite)
-    with _cleanup_if_empty(run_dir):
-        m = emolens.load_model(args.model, device=args.device)
-        results = _attribution_results(m, args)
+    from dataclasses import dataclass
+
+    from emolens.pipelines.engine import PipelineConfig, RunFolder, Step, model_fingerprint, run_steps
+
+    @dataclass
+    class AttributeConfig(PipelineConfig):
+        clean: str = ""
+        corrupted: str = ""
+        target: str = ""
+        foil: str = ""
+        chat: bool = False
+        method: str = "atp"
+        nodes: str = ""
+
+    cfg = AttributeConfig(args.clean, args.corrupted, args.target, args.foil, bool(args.chat), args.method, args.nodes)
+    m = emolens.load_model(args.model, device=args.device)
+    rf = RunFolder.open(args.out, args.name, {"command": "attribute", "model": model_fingerprint(m),
+                                              "config": cfg.to_dict()}, resume=args.resume, overwrite=args.overwrite)
+    run_dir = rf.path
+    # one engine step: a resumed folder reuses the saved attribution when model and options match
+    step = Step("attribution", lambda ctx: {"attribution": _attribution_results(ctx.model, args) or
+                                            {"_empty": {}}}, config=tuple(cfg.to_dict()))
+    ctx = run_steps([step], m, cfg, run_dir / "attribute", progress=not args.no_progress, label="attribute",
+                    on_step=lambda e: rf.step_done("attribute", e))
+    results = ctx.load("attribution")
+    results = results if isinstance(results, dict) and "_empty" not in results else {}
     if not results:
         raise emolens.InputError(f"Attribution returned no results for nodes {args.nodes!r}.")
     first = next(iter(results.values()))
@@ -322,6 +357,7 @@ def _attribute(args) -> int:
                 "chat": args.chat, "method": args.method, "nodes": args.nodes}
     path = report.write_report([report.model_info_section(m), sec], run_dir, title=f"emolens attribution: {m.name}",
                                meta=report.run_metadata(m, settings, command="emolens attribute"), model_info=m.info())
+    rf.finish()
     for name, res in results.items():
         if res.scores.numel():
             t = res.top(1)[0]

@@ -206,7 +206,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 class _Source:
     """A JSONL file to read: its display name and a way to get its text."""
 
-    def __init__(self, path: PathLike | None, default_name: str):
+    def __init__(self, path: PathLike | None, default_name: str, columns: dict[str, str] | None = None):
+        self.columns = dict(columns or {})
+        self.unit = "line"
         if path is None:
             self._resource = resources.files(_DATA_PACKAGE).joinpath(_DATA_DIR, default_name)
             self.name = str(self._resource)
@@ -248,8 +250,82 @@ class _Source:
             ) from None
 
 
+_TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq", ".arrow")
+
+
+def _table_records(source: _Source, schema: str) -> list[tuple[int, dict[str, Any]]] | None:
+    """CSV / parquet files and Hugging Face ``datasets`` folders as ``(row_number, record)`` pairs;
+    None for a JSONL file. CSV rows count like lines of the file (header = line 1)."""
+    if source.shipped:
+        return None
+    p: Path = source._resource
+    if p.is_dir():
+        try:
+            import datasets as hfd
+
+            if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists():
+                ds = hfd.load_from_disk(str(p))
+                if isinstance(ds, hfd.DatasetDict):
+                    ds = ds[next(iter(ds))]
+            else:
+                ds = hfd.load_dataset(str(p), split="train")
+        except Exception as e:  # noqa: BLE001 - any reader failure is a data problem to explain
+            raise DataError(f"{source.name}: cannot read this folder as a Hugging Face dataset ({type(e).__name__}: "
+                            f"{e}). Fix: pass a JSONL/CSV/parquet file, or a folder written by "
+                            "Dataset.save_to_disk or holding data files.") from None
+        source.unit = "row"
+        rows = [dict(r) for r in ds]
+        start = 1
+    elif p.suffix.lower() in _TABLE_SUFFIXES:
+        if not p.exists():
+            raise DataError(f"{source.name}: file not found. Fix: pass the path of an existing file.")
+        import pandas as pd
+
+        try:
+            if p.suffix.lower() in (".csv", ".tsv"):
+                df = pd.read_csv(p, sep="\t" if p.suffix.lower() == ".tsv" else ",", dtype=str,
+                                 keep_default_na=False)
+                start = 2
+            else:
+                df = pd.read_parquet(p)
+                start = 1
+                source.unit = "row"
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"{source.name}: cannot read the table ({type(e).__name__}: {e}). Fix: save it as "
+                            "UTF-8 CSV with a header row, or as parquet.") from None
+        rows = []
+        for r in df.to_dict(orient="records"):
+            rows.append({k: (None if (v is None or (isinstance(v, float) and v != v) or v == "") else v)
+                         for k, v in r.items()})
+    else:
+        return None
+    if not rows:
+        raise DataError(f"{source.name}: the table is empty (no records). Fix: add one record per row.")
+    return [(i + start, r) for i, r in enumerate(rows)]
+
+
+def _map_columns(rec: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    """Rename ``columns`` (schema field -> your column) and nest dotted keys (``event.positive``)."""
+    out = dict(rec)
+    for field, col in columns.items():
+        if col in out:
+            out[field] = out.pop(col)
+    for k in [k for k in out if isinstance(k, str) and "." in k]:
+        head, _, tail = k.partition(".")
+        if isinstance(out.get(head, {}), dict):
+            out.setdefault(head, {})
+            if out[head] is None:
+                out[head] = {}
+            out[head][tail] = out.pop(k)
+    return out
+
+
 def _read_jsonl(source: _Source, schema: str) -> list[tuple[int, dict[str, Any]]]:
-    """Parse a JSONL file into ``(line_number, record)`` pairs; blank lines are skipped."""
+    """Parse a data file into ``(line_number, record)`` pairs: JSONL (blank lines skipped), CSV,
+    parquet or a Hugging Face ``datasets`` folder; column mapping applied."""
+    table = _table_records(source, schema)
+    if table is not None:
+        return [(n, _map_columns(r, source.columns)) for n, r in table]
     example = json.dumps(SCHEMAS[schema]["example"], ensure_ascii=False)
     text = source.read_text()
     out: list[tuple[int, dict[str, Any]]] = []
@@ -269,7 +345,7 @@ def _read_jsonl(source: _Source, schema: str) -> list[tuple[int, dict[str, Any]]
                 f"{source.name}, line {lineno}: expected a JSON object, got "
                 f"{type(rec).__name__}. Fix: write one object per line, e.g. {example}"
             )
-        out.append((lineno, rec))
+        out.append((lineno, _map_columns(rec, source.columns)))
     if not out:
         raise DataError(
             f"{source.name}: the file is empty (no records). Fix: add one JSON object per "
@@ -279,7 +355,7 @@ def _read_jsonl(source: _Source, schema: str) -> list[tuple[int, dict[str, Any]]
 
 
 def _where(source: _Source, lineno: int) -> str:
-    return f"{source.name}, line {lineno}"
+    return f"{source.name}, {source.unit} {lineno}"
 
 
 def _get_str(rec: dict[str, Any], key: str, source: _Source, lineno: int, schema: str,
@@ -379,7 +455,7 @@ def _to_dataset(rows: list[dict[str, Any]], features_spec: dict[str, Any]) -> "d
 
 def load_contrastive_pairs(path: PathLike | None = None, *,
                            emotions: str | Iterable[str] | None = None,
-                           split: str | None = None) -> "datasets.Dataset":
+                           split: str | None = None, columns: dict[str, str] | None = None) -> "datasets.Dataset":
     """Load minimal contrastive pairs (positive vs neutral/opposite sentence per emotion).
 
     Args:
@@ -415,7 +491,7 @@ def load_contrastive_pairs(path: PathLike | None = None, *,
             f"Fix: pass 'train', 'heldout', or None for both."
         )
     schema = "contrastive_pairs"
-    source = _Source(path, SCHEMAS[schema]["file"])
+    source = _Source(path, SCHEMAS[schema]["file"], columns)
     rows: list[dict[str, Any]] = []
     seen_ids: dict[str, int] = {}
     per_emotion: dict[str, int] = {}
@@ -449,7 +525,8 @@ def load_contrastive_pairs(path: PathLike | None = None, *,
                               "negative": "string", "split": "string"})
 
 
-def load_diagnostic_tasks(path: PathLike | None = None) -> "datasets.Dataset":
+def load_diagnostic_tasks(path: PathLike | None = None, *, columns: dict[str, str] | None = None
+                          ) -> "datasets.Dataset":
     """Load diagnostic conversational tasks (prompt + aligned and misaligned reply).
 
     Args:
@@ -473,7 +550,7 @@ def load_diagnostic_tasks(path: PathLike | None = None) -> "datasets.Dataset":
         ['id', 'prompt', 'aligned', 'misaligned', 'emotion']
     """
     schema = "diagnostic_tasks"
-    source = _Source(path, SCHEMAS[schema]["file"])
+    source = _Source(path, SCHEMAS[schema]["file"], columns)
     rows: list[dict[str, Any]] = []
     seen_ids: dict[str, int] = {}
     for n, (lineno, rec) in enumerate(_read_jsonl(source, schema), 1):
@@ -496,7 +573,7 @@ def load_diagnostic_tasks(path: PathLike | None = None) -> "datasets.Dataset":
                               "misaligned": "string", "emotion": "string"})
 
 
-def load_openers(path: PathLike | None = None) -> "datasets.Dataset":
+def load_openers(path: PathLike | None = None, *, columns: dict[str, str] | None = None) -> "datasets.Dataset":
     """Load evaluation conversation openers.
 
     Args:
@@ -516,7 +593,7 @@ def load_openers(path: PathLike | None = None) -> "datasets.Dataset":
         "Hey, how's your week been so far?"
     """
     schema = "openers"
-    source = _Source(path, SCHEMAS[schema]["file"])
+    source = _Source(path, SCHEMAS[schema]["file"], columns)
     rows: list[dict[str, Any]] = []
     seen_ids: dict[str, int] = {}
     for n, (lineno, rec) in enumerate(_read_jsonl(source, schema), 1):
@@ -528,7 +605,8 @@ def load_openers(path: PathLike | None = None) -> "datasets.Dataset":
     return _to_dataset(rows, {"id": "string", "text": "string"})
 
 
-def load_sev(path: PathLike | None = None, *, split: str = "analysis") -> "datasets.Dataset":
+def load_sev(path: PathLike | None = None, *, split: str = "analysis",
+             columns: dict[str, str] | None = None) -> "datasets.Dataset":
     """Load scenario-event records in SEV format (paper 2).
 
     Args:
@@ -566,7 +644,7 @@ def load_sev(path: PathLike | None = None, *, split: str = "analysis") -> "datas
     else:
         default = SCHEMAS["sev"]["file"]["analysis"]  # unused: path wins
     schema = "sev"
-    source = _Source(path, default)
+    source = _Source(path, default, columns)
     rows: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     for lineno, rec in _read_jsonl(source, schema):

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from .errors import OutputPathError
 
-__all__ = ["atomic_path", "ensure_dir", "write_bytes", "write_text", "write_json", "write_parquet", "write_safetensors"]
+__all__ = ["atomic_path", "ensure_dir", "publish", "write_bytes", "write_text", "write_json", "write_parquet", "write_safetensors"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -74,6 +74,20 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def publish(src: str | Path, target: str | Path) -> Path:
+    """Move a finished file ``src`` over ``target`` atomically (fsync the file, rename, fsync the folder).
+
+    ``src`` must be on the same file system (e.g. a staging folder next to the target).
+    """
+    src, target = Path(src), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(src, target)
+    _fsync_dir(target.parent)
+    return target
 
 
 def write_bytes(target: str | Path, data: bytes) -> Path:

@@ -438,7 +438,14 @@ def write_report(sections: Sequence[Section] | Section, run_dir: str | Path, *, 
     run_dir.mkdir(parents=True, exist_ok=True)
     index = save_sections(sections, run_dir) if save else []
     info = {"title": title, "meta": meta or {}, "model_info": model_info or {}, "sections": index}
-    (run_dir / RUN_MARKER).write_text(json.dumps(info, indent=1, default=str), encoding="utf-8")
+    try:  # keep what the run recorded at its start (identity, per-step state; see pipelines.engine.RunFolder)
+        old = json.loads((run_dir / RUN_MARKER).read_text(encoding="utf-8"))
+        info = {**(old if isinstance(old, dict) else {}), **info}
+    except (OSError, ValueError):
+        pass
+    from .io import write_text
+
+    write_text(run_dir / RUN_MARKER, json.dumps(info, indent=1, default=str))
     out = run_dir / REPORT_NAME
     out.write_text(render_html(sections, title=title, meta=meta, model_info=model_info), encoding="utf-8")
     return out

@@ -8,8 +8,17 @@ circuitsvis render), tables are pandas DataFrames, and ``results`` are the raw
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+log = logging.getLogger("emolens")
+
+
+def strict() -> bool:
+    """``EMOLENS_STRICT=1``: a figure that cannot be drawn is an error (the tests set it)."""
+    return os.environ.get("EMOLENS_STRICT", "") not in ("", "0")
 
 
 @dataclass
@@ -37,6 +46,19 @@ class Section:
     def add_figure(self, caption: str, fig: Any) -> "Section":
         self.figures.append((caption, fig))
         return self
+
+    def figure(self, caption: str, make: Callable[..., Any], *args, **kw) -> "Section":
+        """Draw ``make(*args, **kw)`` and add it; a failure raises under ``EMOLENS_STRICT=1`` and
+        otherwise leaves a visible note in the section (never a silent log line)."""
+        try:
+            fig = make(*args, **kw)
+        except Exception as e:  # noqa: BLE001 - turned into a visible note, or raised when strict
+            if strict():
+                raise
+            log.warning("emolens: figure %r could not be drawn: %s: %s", caption, type(e).__name__, e)
+            self.text.append(f"[Figure not drawn] {caption}: {type(e).__name__}: {e}")
+            return self
+        return self.add_figure(caption, fig)
 
     def add_table(self, caption: str, df: Any) -> "Section":
         self.tables.append((caption, df))

@@ -13,23 +13,23 @@ plus the raw results under ``paper2/``):
 
 Usage::
 
-    python examples/paper2_emotion_circuits.py              # embedded SmolLM2-135M, calibrated values
-                                                            #   (~12-28 min on a shared 2-core CPU)
-    python examples/paper2_emotion_circuits.py --quick      # ~2 min
-    python examples/paper2_emotion_circuits.py --calibrate  # also sweep steering alpha / circuit scale
-                                                            #   on the analysis split (+10-22 min)
+    python examples/paper2_emotion_circuits.py              # embedded SmolLM2-135M; strengths calibrated in
+                                                            #   the run on the analysis split
+    python examples/paper2_emotion_circuits.py --quick      # a few minutes
+    python examples/paper2_emotion_circuits.py --steer-alpha 1 --circuit-scale 2   # your strengths, no sweep
+    python examples/paper2_emotion_circuits.py --test-data my_sev.jsonl            # evaluate on your SEV file
 
 On a GPU (the paper's models; the paper's values with ``--paper``)::
 
     python examples/paper2_emotion_circuits.py --model meta-llama/Llama-3.2-3B-Instruct --device cuda \\
         --dtype float32 --paper
     python examples/paper2_emotion_circuits.py --model Qwen/Qwen2.5-7B-Instruct --device cuda --paper \\
-        --config '{"circuit_scale": 2.0}'
+        --circuit-scale 2.0
 
 (Llama-3.2's chat template writes today's date into the system turn, so token counts depend on the
 run date, as in the paper's code.) ``--judge openai --judge-url http://HOST:PORT/v1 --judge-model
 gpt-4o-mini`` uses an OpenAI-compatible LLM judge with the paper's rubric instead of the project's
-MiniLM probe. Rerunning with ``--name NAME --overwrite`` resumes finished steps.
+MiniLM probe. ``--resume runs/NAME`` continues a killed run (steps whose inputs are unchanged are reused).
 """
 
 from __future__ import annotations
@@ -59,22 +59,18 @@ def main(argv=None) -> int:
     if args.threads or on_cpu:
         torch.set_num_threads(args.threads or 1)
     m = emolens.load_model(args.model, device=args.device, dtype=args.dtype)
-    cfg = paper2.Paper2Config.paper() if args.paper else paper2.Paper2Config.for_model(m)
-    if args.config:
-        text = Path(args.config).read_text() if Path(args.config).exists() else args.config
-        cfg = paper2.Paper2Config.from_dict({**cfg.to_dict(), **json.loads(text)})
-    for flag, key in (("judge", "judge"), ("judge_url", "judge_url"), ("judge_model", "judge_model")):
-        if getattr(args, flag):
-            cfg = cfg.replace(**{key: getattr(args, flag)})
-    if args.calibrate:
-        cfg = cfg.replace(calibrate=True)
-    if args.overwrite and args.name and (Path(args.out) / args.name).exists():
-        run_dir = Path(args.out) / args.name  # resume finished steps
-    else:
-        run_dir = report.new_run_dir(args.out, args.name, overwrite=args.overwrite)
+    cfg = paper2.config_from_args(m, args)  # --paper, --config FILE, data options, judge, strengths, --quick
+    paper2.check_data(cfg)
+    from emolens.pipelines.engine import RunFolder, model_fingerprint
+
+    rf = RunFolder.open(args.out, args.name, {"command": "circuit", "model": model_fingerprint(m),
+                                              "config": {"paper2": cfg.to_dict()}},
+                        resume=args.resume, overwrite=args.overwrite)
+    run_dir = rf.path
     print(f"paper 2 on {m.name} -> {run_dir}", flush=True)
     t0 = time.time()
-    secs = paper2.run(m, run_dir, quick=args.quick, progress=not args.no_progress, config=cfg)
+    secs = paper2.run(m, run_dir, progress=not args.no_progress, config=cfg,
+                      on_step=lambda e: rf.step_done("paper2", e))
     elapsed = time.time() - t0
     meta = report.run_metadata(m, {"quick": args.quick, "paper_values": args.paper},
                                command="examples/paper2_emotion_circuits.py", elapsed_s=round(elapsed, 1))
@@ -91,6 +87,7 @@ def main(argv=None) -> int:
                                                                    if k.startswith("k=") and v == v}
                                      for r in ([] if ratios is None else ratios.to_dict("records"))}}
     (run_dir / "summary.json").write_text(json.dumps(out, indent=1))
+    rf.finish()
     print(acc.to_string(index=False))
     print(tables["Accuracy per valence (%)"].to_string(index=False))
     if ratios is not None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 os.environ.setdefault("EMOLENS_PROGRESS", "0")
+os.environ.setdefault("EMOLENS_STRICT", "1")  # a figure that cannot be drawn fails the test
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # One thread by default: on a shared 2-core machine OpenMP threads competing with other processes made

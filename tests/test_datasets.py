@@ -426,3 +426,34 @@ def test_sev_missing_skeleton_id_and_duplicates(tmp_path):
         load_sev(_write(tmp_path, "a.jsonl", [no_id]))
     with pytest.raises(DataError, match=r"line 2: duplicate skeleton_id 'work-x01'"):
         load_sev(_write(tmp_path, "b.jsonl", [GOOD_SEV, GOOD_SEV]))
+
+
+def test_user_tables_csv_parquet_and_datasets_folders_with_column_mapping(tmp_path):
+    """Every loader reads CSV/parquet/HF-datasets folders too; a column mapping renames fields; nested SEV fields
+    come as dotted columns; errors name the file and the CSV line (header = line 1)."""
+    import datasets as hfd
+    import pandas as pd
+
+    from emolens.datasets import load_openers, load_sev
+
+    rows = [{"topic": "t", "id": "1", "scenario": "s", "event.positive": "p", "event.neutral": "n",
+             "event.negative": "q"}, {"topic": "t", "id": "2", "scenario": "s2", "event.positive": "p2",
+                                      "event.neutral": "n2", "event.negative": ""}]
+    csv = tmp_path / "sev.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    cols = {"theme": "topic", "skeleton_id": "id"}
+    with pytest.raises(DataError, match=r"sev.csv, line 3: 'event' is missing the valence 'negative'"):
+        load_sev(csv, columns=cols)
+    pq = tmp_path / "sev.parquet"
+    pd.DataFrame(rows[:1]).to_parquet(pq)
+    want = {"theme": "t", "scenario": "s", "event": {"positive": "p", "neutral": "n", "negative": "q"},
+            "skeleton_id": "1"}
+    assert load_sev(pq, columns=cols)[0] == want
+    with pytest.raises(DataError, match=r"sev.parquet, row 1: record is missing the field 'theme'"):
+        load_sev(pq)  # without the mapping the schema field is absent
+    folder = tmp_path / "ds"
+    hfd.Dataset.from_pandas(pd.DataFrame(rows[:1])).save_to_disk(str(folder))
+    assert load_sev(folder, columns=cols)[0] == want
+    op = tmp_path / "openers.csv"
+    pd.DataFrame({"line": ["Hi there!", "How are you?"]}).to_csv(op, index=False)
+    assert list(load_openers(op, columns={"text": "line"})["text"]) == ["Hi there!", "How are you?"]

@@ -24,7 +24,7 @@ def _env(**extra: str) -> dict:
 
 def test_tutorials_exist_and_are_in_the_nav():
     names = {p.stem for p in TUTORIALS}
-    assert {"quickstart", "attribution", "steering", "circuits", "scaling"} <= names
+    assert {"quickstart", "attribution", "steering", "circuits", "scaling", "own_data"} <= names
     nav = (ROOT / "mkdocs.yml").read_text()
     for n in names:
         assert f"tutorials/{n}.md" in nav, f"{n}.py is not in the mkdocs nav"

@@ -123,7 +123,16 @@ def test_quick_run_writes_report_raw_results_and_resumes(tiny_run):
     assert before == after and len(before) == 4
     titles = [s.title for s in secs]
     assert any("Locus" in t for t in titles) and any("Held-out" in t for t in titles)
-    assert any(s.figures for s in secs) and any("attribution_resid" in s.results for s in secs)
+    assert any("attribution_resid" in s.results for s in secs)
+    # every figure is drawn (EMOLENS_STRICT=1 makes a failing one raise): per-section counts
+    figs = {s.title.split(":")[0].split(" (")[0]: len(s.figures) for s in secs}
+    n_sweeps = len(json.loads((raw / "calibration.json").read_text())["sweeps"])
+    assert figs == {"Paper 1": 0, "1. Locus": 2, "2. Emotion vectors": 3, "3. Calibration": 2 * n_sweeps,
+                    "4. Held-out evaluation": 1}
+    assert not any(t.startswith("[Figure not drawn]") for s in secs for t in s.text)
+    # the step log says every step was reused, and why
+    log = [t for s in secs for cap, t in s.tables if cap.startswith("Steps in this call")][0]
+    assert list(log["step"]) == ["locus", "vectors", "calibration", "evaluation"] and set(log["status"]) == {"reused"}
 
 
 def test_steer_cli_prints_both_replies(tiny_run, capsys):

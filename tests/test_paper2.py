@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -11,7 +12,7 @@ import torch
 
 from emolens.circuits import Circuit
 from emolens.errors import InputError, JudgeError, ResultError
-from emolens.pipelines.paper2 import CALIBRATED, Paper2Config, run
+from emolens.pipelines.paper2 import SIZES, Paper2Config, run
 from emolens.results import Result
 from emolens.sections import Section
 
@@ -26,17 +27,27 @@ def tiny_cfg(**kw) -> Paper2Config:
 def test_config_defaults_roundtrip_and_calibration():
     paper = Paper2Config.paper()
     assert (paper.steer_alpha, paper.circuit_scale, paper.budget_per_sublayer, paper.mlp_ratio) == (8.0, 1.0, 10.0, 0.7)
-    assert paper.influence_alphas == (0.1, 0.3, 0.5, 0.7) and paper.accept_filter
+    assert paper.influence_alphas == (0.1, 0.3, 0.5, 0.7) and paper.accept_filter is True
     assert paper.layers(paper.steer_layers_frac, 28) == list(range(11, 21))
+    # no copied strengths: every model calibrates in the run unless values are passed
     smol = Paper2Config.for_model("smollm2-135m-instruct")
-    assert smol.steer_alpha == CALIBRATED["smollm2-135m-instruct"]["steer_alpha"] and not smol.accept_filter
-    assert Paper2Config.for_model("meta-llama/Llama-3.2-3B-Instruct") == paper
+    assert smol.steer_alpha is None and smol.circuit_scale is None and smol.accept_filter is None
+    assert smol.test_per_theme == SIZES["smollm2-135m-instruct"]["test_per_theme"]
+    assert Paper2Config.for_model("meta-llama/Llama-3.2-3B-Instruct") == Paper2Config()
     d = json.loads(json.dumps(smol.to_dict()))
     assert Paper2Config.from_dict(d) == smol
     with pytest.raises(InputError, match="Unknown Paper2Config"):
         Paper2Config.from_dict({"steer_alpa": 2})
+    with pytest.raises(InputError, match="steer_alpha must be a number"):
+        Paper2Config.from_dict({"steer_alpha": "big"})
+    with pytest.raises(InputError, match="curve_ks"):
+        Paper2Config.from_dict({"curve_ks": 3})
+    with pytest.raises(InputError, match="Unknown emotion"):
+        Paper2Config().replace(emotions=("anger", "contempt"))
     q = smol.quick()
-    assert q.test_max_records <= 4 and q.circuit_max_new_tokens <= 24 and q.steer_alpha == smol.steer_alpha
+    assert q.test_max_records <= 4 and q.circuit_max_new_tokens <= 24 and q.calib_records == 1
+    assert q.accept_filter is False and Paper2Config.paper().quick().accept_filter is True
+    assert set(q.calib_alphas) <= set(smol.calib_alphas) and q.steer_alpha is None
 
 
 def test_tiny_end_to_end_and_resume(tmp_path):
@@ -63,6 +74,13 @@ def test_tiny_end_to_end_and_resume(tmp_path):
     assert any("prompting vs steering vs circuit" in t for t in titles)
     acc = [t for s in secs for cap, t in s.tables if cap.startswith("Accuracy per emotion")][0]
     assert list(acc["method"]) == ["prompting", "steering", "circuit"]
+    # strengths: calibrated in the run (tiny sizes: a one-value grid), recorded with the reason
+    for kind, key in (("steer", "steer_alpha"), ("circuit", "circuit_scale")):
+        cal = json.loads((root / f"{kind}_calibration.json").read_text())
+        assert cal[key] == 2.0 and cal["why"].startswith("calibrated")
+        assert (root / f"{kind}_calibration_table.parquet").exists()
+    cal_sec = [s for s in secs if s.title.startswith("Calibration")][0]
+    assert any("steer_alpha: calibrated" in t for t in cal_sec.text)
     figs = sum(len(s.figures) for s in secs)
     assert figs >= 12  # 4 PCA, cosine maps, heads, neurons, 4 curve plots, influence, allocation ...
     # resume: a second call reuses every finished step
@@ -151,7 +169,7 @@ def test_judge_config_errors(tmp_path):
     with pytest.raises(InputError, match="judge_url"):
         run(m, tmp_path, config=tiny_cfg(judge="openai"), progress=False)
     with pytest.raises(InputError, match="Unknown emotion"):
-        run(m, tmp_path, config=tiny_cfg().replace(emotions=("anger", "contempt")), progress=False)
+        run(m, tmp_path, config=dataclasses.replace(tiny_cfg(), emotions=("anger", "contempt")), progress=False)
     assert not (tmp_path / "paper2").exists()  # rejected before any work
 
 
@@ -161,7 +179,8 @@ def test_embedded_model_small_run(tmp_path, smol):
         analysis_per_theme=1, analysis_max_records=3, test_per_theme=1, test_max_records=1, curve_samples=4,
         curve_n_random=2, curve_ks=(0, 1, 2, 4), curve_layers_frac=(0.5,), influence_samples=3,
         influence_alphas=(0.5,), prompt_max_new_tokens=8, steer_max_new_tokens=8, circuit_max_new_tokens=8,
-        steer_min_new_tokens=4, circuit_min_new_tokens=4, gen_batch_size=18)
+        steer_min_new_tokens=4, circuit_min_new_tokens=4, gen_batch_size=18, accept_filter=False, steer_alpha=1.0,
+        circuit_scale=2.0)
     secs = run(smol, tmp_path, config=cfg, progress=False)
     root = tmp_path / "paper2"
     inf = Result.load(root / "influence")

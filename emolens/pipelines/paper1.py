@@ -4,8 +4,9 @@
 2511.12832). The paper's full text was not available; the steps below follow
 ``specs/paper1-conversations.md`` and every inferred choice is a :class:`Paper1Config` field.
 
-Steps (each checkpointed under ``OUT/paper1/``; a rerun with the same configuration and model
-skips finished steps):
+Steps (:data:`STEPS`, each a public function on the step engine :mod:`emolens.pipelines.engine`;
+raw results under ``OUT/paper1/``; a rerun skips a step only when its configuration fields, model,
+data and inputs are unchanged, and recomputes it and everything downstream otherwise):
 
 1. **locus** — diagnostic tasks become clean/corrupted pairs that differ only in a warm vs cold
    system framing of equal token length (``"You are a warm, kind and gentle friend."`` vs
@@ -38,11 +39,9 @@ skips finished steps):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -51,7 +50,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ._store import StepStore
+from .. import io
+from .engine import (Context, PipelineConfig, Step, log_table, model_fingerprint, register_kind, run_steps,
+                     sections as engine_sections)
 from ..directions import EmotionVectors, emotion_vectors, evaluate_vectors
 from ..errors import InputError
 from ..results import Result
@@ -61,8 +62,9 @@ from ..steering import (Condition, SweepResult, calibrate, generate, global_inte
 
 log = logging.getLogger("emolens")
 
-__all__ = ["Paper1Config", "DEFAULT_FRAMINGS", "diagnostic_pairs", "find_locus", "run", "steer_cli",
-           "add_steer_args"]
+__all__ = ["Paper1Config", "DEFAULT_FRAMINGS", "STEPS", "diagnostic_pairs", "find_locus", "step_locus",
+           "step_vectors", "step_calibration", "step_evaluation", "load_tasks", "load_pairs", "load_openers_split",
+           "check_data", "run", "steer_cli", "add_steer_args"]
 
 #: (warm, cold) system framings for the clean/corrupted runs, tried in order until both sides
 #: tokenise to the same length.
@@ -73,16 +75,28 @@ DEFAULT_FRAMINGS: tuple[tuple[str, str], ...] = (
 )
 
 
+
+
 @dataclass
-class Paper1Config:
+class Paper1Config(PipelineConfig):
     """All hyperparameters of the paper-1 pipeline (inferred choices; see the module docstring).
 
     Strengths are relative (``strength_mode="norm"``: multiples of the steered layer's median
     activation norm) and layers are offsets from the attribution locus, so the defaults carry
     over between models; the operating point is always chosen by the fluency-guarded sweep.
+
+    Data fields (``None`` = the packaged file) take a JSONL/CSV/parquet path or a Hugging Face
+    ``datasets`` folder; ``*_columns`` maps schema fields to your column names
+    (``{"prompt": "question"}``); see :mod:`emolens.datasets` for the schemas.
     """
 
     # data
+    tasks_data: str | None = None             # diagnostic tasks (prompt, aligned, misaligned, emotion)
+    tasks_columns: dict[str, str] = field(default_factory=dict)
+    pairs_data: str | None = None             # contrastive pairs (emotion, positive, negative[, split])
+    pairs_columns: dict[str, str] = field(default_factory=dict)
+    openers_data: str | None = None           # conversation openers (text)
+    openers_columns: dict[str, str] = field(default_factory=dict)
     emotions: tuple[str, ...] = ("joy", "trust")
     steer_name: str = "joy_trust"
     # 1. locus
@@ -126,39 +140,10 @@ class Paper1Config:
 
     def quick(self) -> "Paper1Config":
         """A smoke-test configuration: few tasks, pairs, openers and tokens."""
-        return dataclasses.replace(
-            self, n_diagnostic=6, verify_k=3, verify_controls=1, n_verify_tasks=3, max_pairs=24,
+        return self.replace(
+            n_diagnostic=6, verify_k=3, verify_controls=1, n_verify_tasks=3, max_pairs=24,
             positions={"all": (0.1, 0.2), "locus": (1.0,)}, layer_offsets=(0,), global_strengths=(0.2,),
             n_calibration=6, n_heldout=10, max_new_tokens=12, batch_size=16, n_examples=3, compare_pca=False)
-
-    def replace(self, **kw) -> "Paper1Config":
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["framings"] = [list(f) for f in self.framings]
-        d["positions"] = {k: list(v) for k, v in self.positions.items()}
-        for k in ("emotions", "layer_offsets", "global_strengths", "targets"):
-            d[k] = list(d[k])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Paper1Config":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise InputError(f"Unknown Paper1Config field(s) {unknown}; valid fields: {', '.join(sorted(names))}.")
-        kw = dict(d)
-        if "framings" in kw:
-            kw["framings"] = tuple(tuple(f) for f in kw["framings"])
-        if "positions" in kw:
-            kw["positions"] = {k: tuple(float(x) for x in v) for k, v in kw["positions"].items()}
-        for k in ("emotions", "layer_offsets", "global_strengths", "targets"):
-            if k in kw:
-                kw[k] = tuple(kw[k])
-        cfg = cls(**kw)
-        cfg.check()
-        return cfg
 
     def check(self) -> None:
         from ..steering import POSITION_MODES, STRENGTH_MODES
@@ -176,10 +161,17 @@ class Paper1Config:
                              "(default) or 'resid_pre'.")
         if self.locus_rule not in ("onset", "argmax"):
             raise InputError(f"locus_rule={self.locus_rule!r}; use 'onset' or 'argmax'.")
+        if self.attribution_method not in ("atp", "atp*", "ig"):
+            raise InputError(f"attribution_method={self.attribution_method!r}; use 'atp', 'atp*' or 'ig'.")
+        if self.method not in ("mean_diff", "pca"):
+            raise InputError(f"method={self.method!r}; use 'mean_diff' or 'pca'.")
         if self.n_calibration < 2:
             raise InputError("n_calibration must be at least 2 (paired statistics need two prompts).")
         if self.max_ppl_increase < 0:
             raise InputError("max_ppl_increase must be >= 0.")
+        for k in ("attribution_batch_size", "batch_size", "max_new_tokens", "window_span", "window_max"):
+            if getattr(self, k) < 1:
+                raise InputError(f"Paper1Config.{k} must be >= 1, got {getattr(self, k)}.")
 
 
 # =========================================================================================
@@ -270,17 +262,113 @@ def find_locus(attr: Result, p_max: int, *, rule: str = "onset", onset_fraction:
             "onset_fraction": onset_fraction if rule == "onset" else None}
 
 
-# =========================================================================================
-# Checkpoints
-# =========================================================================================
-class _Store(StepStore):
-    """Raw results of one paper-1 run under ``root`` (see :class:`~emolens.pipelines._store.StepStore`)."""
 
-    def __init__(self, root: Path, fingerprint: dict, resume: bool):
-        super().__init__(root, fingerprint, resume, label="paper-1")
+# =========================================================================================
+# Data (validated up front: errors name the file, line and missing field)
+# =========================================================================================
+def load_tasks(cfg: Paper1Config) -> list[dict]:
+    """The diagnostic tasks the locus step uses (``n_diagnostic`` of them, emotions interleaved)."""
+    from ..datasets import load_diagnostic_tasks
 
-    def save_json(self, name: str, obj: Any) -> None:
-        super().save_json(name, obj, default=_json_default)
+    tasks = [dict(r) for r in load_diagnostic_tasks(cfg.tasks_data, columns=cfg.tasks_columns)]
+    if cfg.n_diagnostic is not None:
+        # keep the emotion balance: interleave tasks of each emotion
+        by_e: dict[str, list] = {}
+        for t in tasks:
+            by_e.setdefault(t.get("emotion", ""), []).append(t)
+        inter = [t for group in zip(*by_e.values()) for t in group] if len(by_e) > 1 else tasks
+        tasks = (inter + [t for t in tasks if t not in inter])[:cfg.n_diagnostic]
+    return tasks
+
+
+def load_pairs(cfg: Paper1Config):
+    """``(train, heldout)`` contrastive pairs of ``cfg.emotions`` (train capped at ``max_pairs`` per emotion)."""
+    from ..datasets import load_contrastive_pairs
+
+    train = load_contrastive_pairs(cfg.pairs_data, emotions=list(cfg.emotions), split="train",
+                                   columns=cfg.pairs_columns)
+    held = load_contrastive_pairs(cfg.pairs_data, emotions=list(cfg.emotions), split="heldout",
+                                  columns=cfg.pairs_columns)
+    missing = [e for e in cfg.emotions if e not in set(train["emotion"])]
+    if missing:
+        raise InputError(f"The contrastive pairs ({cfg.pairs_data or 'packaged file'}) have no training pairs for "
+                         f"{missing}; add pairs for them or change Paper1Config.emotions.")
+    if cfg.max_pairs is not None:
+        seen: dict[str, int] = {}
+        keep = []
+        for i, r in enumerate(train):
+            seen[r["emotion"]] = seen.get(r["emotion"], 0) + 1
+            if seen[r["emotion"]] <= cfg.max_pairs:
+                keep.append(i)
+        train = train.select(keep)
+    return train, held
+
+
+def load_openers_split(cfg: Paper1Config) -> tuple[list[str], list[str]]:
+    """``(calibration openers, held-out openers)``."""
+    from ..datasets import load_openers
+
+    texts = list(load_openers(cfg.openers_data, columns=cfg.openers_columns)["text"])
+    cal = texts[:cfg.n_calibration]
+    held = texts[cfg.n_calibration:]
+    if cfg.n_heldout is not None:
+        held = held[:cfg.n_heldout]
+    if len(cal) < 2 or len(held) < 2:
+        raise InputError(f"Too few openers: {len(cal)} for calibration and {len(held)} held out; lower n_calibration "
+                         "or pass a longer openers file.")
+    return cal, held
+
+
+def check_data(cfg: Paper1Config) -> None:
+    """Read and validate every data input before any work (a bad file fails in seconds, not after a step)."""
+    load_tasks(cfg)
+    load_pairs(cfg)
+    load_openers_split(cfg)
+
+
+# =========================================================================================
+# Sweeps as an engine output kind
+# =========================================================================================
+_BASELINE_LAYER = -9999  # marks the unsteered rows of a saved sweep (global steering uses layer -1)
+
+
+def _save_sweeps(sweeps: dict, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, sr in sweeps.items():
+        sr.sweep_result.table.to_parquet(folder / f"{name}_table.parquet", index=False)
+        frames = []
+        for (L, s), df in sr.sweep_result.scores.items():
+            d = df.copy()
+            d.insert(0, "idx", range(len(d)))
+            d.insert(0, "strength", float(s))
+            d.insert(0, "layer", _BASELINE_LAYER if L is None else int(L))
+            d["text"] = sr.sweep_result.texts[(L, s)]
+            frames.append(d)
+        pd.concat(frames, ignore_index=True).to_parquet(folder / f"{name}_replies.parquet", index=False)
+        (folder / f"{name}_settings.json").write_text(json.dumps(sr.sweep_result.settings, default=_json_default))
+
+
+def _load_sweeps(folder: Path, model=None) -> dict:
+    out = {}
+    for t in sorted(folder.glob("*_table.parquet")):
+        name = t.name[:-len("_table.parquet")]
+        table = pd.read_parquet(t)
+        long = pd.read_parquet(folder / f"{name}_replies.parquet")
+        scores, texts = {}, {}
+        for (L, s), d in long.groupby(["layer", "strength"], sort=False):
+            key = (None if int(L) == _BASELINE_LAYER else int(L), float(s))
+            d = d.sort_values("idx")
+            texts[key] = d["text"].tolist()
+            scores[key] = d.drop(columns=["layer", "strength", "idx", "text"]).reset_index(drop=True)
+        out[name] = _Sweep(SweepResult(table, scores, texts, json.loads((folder / f"{name}_settings.json").read_text())))
+    return out
+
+
+@dataclass
+class _Sweep:
+    """Wrapper marking a saved sweep (the engine picks the output kind by type)."""
+
+    sweep_result: SweepResult
 
 
 def _json_default(o):
@@ -293,172 +381,44 @@ def _json_default(o):
     return str(o)
 
 
-_BASELINE_LAYER = -9999  # marks the unsteered rows of a saved sweep (global steering uses layer -1)
-
-
-def _save_sweep(store: _Store, name: str, sr: SweepResult) -> None:
-    store.path(f"{name}_table.parquet").parent.mkdir(parents=True, exist_ok=True)
-    sr.table.to_parquet(store.path(f"{name}_table.parquet"), index=False)
-    frames = []
-    for (L, s), df in sr.scores.items():
-        d = df.copy()
-        d.insert(0, "idx", range(len(d)))
-        d.insert(0, "strength", float(s))
-        d.insert(0, "layer", _BASELINE_LAYER if L is None else int(L))
-        d["text"] = sr.texts[(L, s)]
-        frames.append(d)
-    pd.concat(frames, ignore_index=True).to_parquet(store.path(f"{name}_replies.parquet"), index=False)
-    store.save_json(f"{name}_settings.json", sr.settings)
-
-
-def _load_sweep(store: _Store, name: str) -> SweepResult:
-    table = pd.read_parquet(store.path(f"{name}_table.parquet"))
-    long = pd.read_parquet(store.path(f"{name}_replies.parquet"))
-    scores, texts = {}, {}
-    for (L, s), d in long.groupby(["layer", "strength"], sort=False):
-        key = (None if int(L) == _BASELINE_LAYER else int(L), float(s))
-        d = d.sort_values("idx")
-        texts[key] = d["text"].tolist()
-        scores[key] = d.drop(columns=["layer", "strength", "idx", "text"]).reset_index(drop=True)
-    return SweepResult(table, scores, texts, store.load_json(f"{name}_settings.json"))
-
-
-# =========================================================================================
-# The run
-# =========================================================================================
-def _openers(cfg: Paper1Config) -> tuple[list[str], list[str]]:
-    from ..datasets import load_openers
-
-    texts = list(load_openers()["text"])
-    cal = texts[:cfg.n_calibration]
-    held = texts[cfg.n_calibration:]
-    if cfg.n_heldout is not None:
-        held = held[:cfg.n_heldout]
-    if len(cal) < 2 or len(held) < 2:
-        raise InputError(f"Too few openers: {len(cal)} for calibration and {len(held)} held out; lower n_calibration "
-                         "or pass a longer openers file.")
-    return cal, held
+register_kind("sweeps", lambda o: isinstance(o, dict) and bool(o) and all(isinstance(v, _Sweep) for v in o.values()),
+              lambda o, p: _save_sweeps(o, p), lambda p, m: _load_sweeps(p, m))
 
 
 def _candidate_layers(locus_layer: int, offsets: Sequence[int], n_layers: int) -> list[int]:
     return sorted({min(max(locus_layer + int(o), 0), n_layers - 1) for o in offsets})
 
 
-def run(model, out_dir, *, quick: bool = False, progress: bool = True, config: Paper1Config | None = None,
-        resume: bool = True) -> list[Section]:
-    """Run paper 1 end to end on ``model``; raw results go to ``out_dir/paper1``; returns report sections.
-
-    Args:
-        model: an :class:`~emolens.model.EmoModel`.
-        out_dir: run folder.
-        quick: :meth:`Paper1Config.quick` (a smoke run; seconds on a tiny model, ~2 min on the embedded one).
-        progress: progress bars.
-        config: hyperparameters (default :class:`Paper1Config`).
-        resume: reuse finished steps of an earlier run in ``out_dir`` with the same configuration and model.
-
-    Returns:
-        report sections (locus, vectors, calibration, held-out evaluation, summary).
-    """
-    from ..datasets import load_contrastive_pairs, load_diagnostic_tasks
-
-    cfg = config if config is not None else Paper1Config()
-    if quick:
-        cfg = cfg.quick()
-    cfg.check()
-    root = Path(out_dir) / "paper1"
-    info = {k: v for k, v in model.info().items() if k != "device"}
-    store = _Store(root, {"config": cfg.to_dict(), "model": info}, resume)
-    t_run = time.time()
-    times: dict[str, float] = {}
-
-    # ---- 1. locus ------------------------------------------------------------------------------
-    tasks = list(load_diagnostic_tasks())
-    if cfg.n_diagnostic is not None:
-        # keep the emotion balance: interleave tasks of each emotion
-        by_e: dict[str, list] = {}
-        for t in tasks:
-            by_e.setdefault(t.get("emotion", ""), []).append(t)
-        inter = [t for group in zip(*by_e.values()) for t in group] if len(by_e) > 1 else tasks
-        tasks = (inter + [t for t in tasks if t not in inter])[:cfg.n_diagnostic]
-    if not store.done("locus"):
-        t0 = time.time()
-        _step_locus(model, store, cfg, tasks, progress)
-        store.mark("locus", time.time() - t0)
-    times["locus"] = store.seconds("locus")
-    attr = Result.load(store.path("attribution_resid"))
-    exact = Result.load(store.path("attribution_exact")) if store.path("attribution_exact.safetensors").exists() else None
-    locus = store.load_json("locus.json")
-    verify_info = store.load_json("verify.json")
-
-    # ---- 2. vectors ----------------------------------------------------------------------------
-    if not store.done("vectors"):
-        t0 = time.time()
-        train = load_contrastive_pairs(emotions=list(cfg.emotions), split="train")
-        held = load_contrastive_pairs(emotions=list(cfg.emotions), split="heldout")
-        if cfg.max_pairs is not None:
-            seen: dict[str, int] = {}
-            keep = []
-            for i, r in enumerate(train):
-                seen[r["emotion"]] = seen.get(r["emotion"], 0) + 1
-                if seen[r["emotion"]] <= cfg.max_pairs:
-                    keep.append(i)
-            train = train.select(keep)
-        _step_vectors(model, store, cfg, train, held, progress)
-        store.mark("vectors", time.time() - t0)
-    times["vectors"] = store.seconds("vectors")
-    vecs = EmotionVectors.load(store.path("vectors"), model=model)
-    vecs_pca = EmotionVectors.load(store.path("vectors_pca")) if store.path("vectors_pca.safetensors").exists() else None
-    quality = pd.read_parquet(store.path("vector_quality.parquet"))
-
-    # ---- 3. calibration --------------------------------------------------------------------------
-    cal_prompts, held_prompts = _openers(cfg)
-    layers = _candidate_layers(int(locus["layer"]), cfg.layer_offsets, model.n_layers)
-    gen_kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    if not store.done("calibration"):
-        t0 = time.time()
-        _step_calibration(model, store, cfg, vecs, locus, layers, cal_prompts, gen_kw, progress)
-        store.mark("calibration", time.time() - t0)
-    times["calibration"] = store.seconds("calibration")
-    sweeps = {name: _load_sweep(store, f"sweeps/{name}") for name in store.load_json("calibration.json")["sweeps"]}
-    calib = store.load_json("calibration.json")
-
-    # ---- 4. held-out evaluation --------------------------------------------------------------------
-    if not store.done("evaluation"):
-        t0 = time.time()
-        _step_evaluation(model, store, cfg, vecs, locus, calib, held_prompts, gen_kw, progress)
-        store.mark("evaluation", time.time() - t0)
-    times["evaluation"] = store.seconds("evaluation")
-    times["total (this call)"] = time.time() - t_run
-
-    return _sections(model, store, cfg, attr, exact, locus, verify_info, vecs, vecs_pca, quality, sweeps, calib,
-                     times, len(cal_prompts), len(held_prompts))
-
-
-def _step_locus(model, store: _Store, cfg: Paper1Config, tasks: list, progress: bool) -> None:
+# =========================================================================================
+# Steps
+# =========================================================================================
+def step_locus(ctx: Context) -> dict:
+    """1. Attribution patching over layer x position on the diagnostic tasks, the locus rule, exact patching
+    of the top cells. Outputs: ``attribution_resid``, ``attribution_exact`` (Results), ``locus``, ``verify``."""
     from ..attribution import attribute, prepare_pairs
     from ..patching import verify
 
+    model, cfg, progress = ctx.model, ctx.config, ctx.progress
+    tasks = load_tasks(cfg)
     dp = diagnostic_pairs(model, tasks, cfg.framings)
     rsite = cfg.vector_kind.replace("resid_", "")
     attr = attribute(model, dp["clean"], dp["corrupted"], dp["metric"], nodes="resid", method=cfg.attribution_method,
                      resid_site=rsite, align=dp["align"], chat=dp["chat"], batch_size=cfg.attribution_batch_size,
                      progress=progress)["resid"]
     attr.meta.update(framing_warm=dp["framing"][0], framing_cold=dp["framing"][1], n_tasks=len(tasks))
-    attr.save(store.path("attribution_resid"))
     pairs = prepare_pairs(model, dp["clean"], dp["corrupted"], dp["metric"], align=dp["align"], chat=dp["chat"])
     locus = find_locus(attr, pairs.p_max, rule=cfg.locus_rule, onset_fraction=cfg.onset_fraction,
                        window_span=cfg.window_span, window_max=cfg.window_max)
     locus.update(site=f"{cfg.vector_kind}.{locus['layer']}", p_max=pairs.p_max, framing=list(dp["framing"]),
                  align=dp["align"], clean_metric=attr.meta.get("clean_metric"),
                  corrupted_metric=attr.meta.get("corrupted_metric"))
-    store.save_json("locus.json", locus)
+    out: dict[str, Any] = {"attribution_resid": attr, "locus": json.loads(json.dumps(locus, default=_json_default))}
     # exact patching of the top cells (on a subset of tasks: each cell costs a forward per task)
     n_v = len(tasks) if cfg.n_verify_tasks is None else min(cfg.n_verify_tasks, len(tasks))
     info: dict = {"n_tasks": n_v, "k": cfg.verify_k}
     if cfg.verify_k > 0 and n_v > 0:
         sub = diagnostic_pairs(model, tasks[:n_v], [dp["framing"]])
         # verify() patches the cells of an attribution computed on the same prompts: attribute the subset too
-        # (cheap: one forward/backward), then patch its top cells exactly
         attr_v = attr if n_v == len(tasks) else attribute(
             model, sub["clean"], sub["corrupted"], sub["metric"], nodes="resid", method=cfg.attribution_method,
             resid_site=rsite, align=sub["align"], chat=sub["chat"], batch_size=cfg.attribution_batch_size,
@@ -466,7 +426,7 @@ def _step_locus(model, store: _Store, cfg: Paper1Config, tasks: list, progress: 
         k = min(cfg.verify_k, attr_v.scores.numel())
         v = verify(model, attr_v, sub["clean"], sub["corrupted"], sub["metric"], k=k, n_control=cfg.verify_controls,
                    align=sub["align"], chat=sub["chat"], progress=progress)
-        v["exact"].save(store.path("attribution_exact"))
+        out["attribution_exact"] = v["exact"]
         p_sub = prepare_pairs(model, sub["clean"], sub["corrupted"], sub["metric"], align=sub["align"],
                               chat=sub["chat"]).p_max
         labels = attr_v.labels.get("position", [])
@@ -476,13 +436,18 @@ def _step_locus(model, store: _Store, cfg: Paper1Config, tasks: list, progress: 
                             "offset": int(c[1]) - p_sub,
                             "attribution": float(a), "exact": float(e)}
                            for c, a, e in zip(v["cells"], v["attribution_values"], v["exact_values"])])
-    store.save_json("verify.json", info)
+    out["verify"] = json.loads(json.dumps(info, default=_json_default))
+    return out
 
 
-def _step_vectors(model, store: _Store, cfg: Paper1Config, train, held, progress: bool) -> None:
+def step_vectors(ctx: Context) -> dict:
+    """2. Mean-difference (and PCA) vectors at every layer, held-out quality, GGUF export.
+    Outputs: ``vectors``, ``vectors_pca`` (EmotionVectors), ``vector_quality`` (table), ``STEER.gguf``."""
     from ..directions import pair_activations
     from ..sites import Site
 
+    model, cfg, progress = ctx.model, ctx.config, ctx.progress
+    train, held = load_pairs(cfg)
     layers = list(range(model.n_layers))
     # one capture of the training pairs serves both the mean-difference and the PCA vectors
     acts = pair_activations(model, train, [Site(cfg.vector_kind, L) for L in layers], token_reduce=cfg.token_reduce,
@@ -493,15 +458,14 @@ def _step_vectors(model, store: _Store, cfg: Paper1Config, train, held, progress
     # quality on held-out pairs; the combined vector is judged on the pooled held-out pairs of its parts
     held_rows = [dict(r) for r in held]
     pooled = [{**r, "emotion": cfg.steer_name} for r in held_rows]
-    q = evaluate_vectors(model, vecs, held_rows + pooled, progress=progress)
-    q.to_parquet(store.path("vector_quality.parquet"), index=False)
-    vecs.save(store.path("vectors"))
+    out: dict[str, Any] = {"vectors": vecs,
+                           "vector_quality": evaluate_vectors(model, vecs, held_rows + pooled, progress=progress)}
     if cfg.compare_pca:
         other = "pca" if cfg.method == "mean_diff" else "mean_diff"
         vp = emotion_vectors(model, train, layers=layers, kind=cfg.vector_kind, method=other, center=cfg.pca_center,
                              token_reduce=cfg.token_reduce, progress=progress, activations=acts)
         vp.combine(list(cfg.emotions), cfg.steer_name)
-        vp.save(store.path("vectors_pca"))
+        out["vectors_pca"] = vp
     # GGUF control vector of the steering vector (llama.cpp: --control-vector-scaled FILE:SCALE)
     try:
         export = EmotionVectors({cfg.steer_name: {k: v for k, v in vecs[cfg.steer_name].items()
@@ -510,17 +474,24 @@ def _step_vectors(model, store: _Store, cfg: Paper1Config, train, held, progress
 
         with _w.catch_warnings():
             _w.simplefilter("ignore")
-            export.to_gguf(store.path(f"{cfg.steer_name}.gguf"), cfg.steer_name)
+            export.to_gguf(ctx.path(f"{cfg.steer_name}.gguf"), cfg.steer_name)
     except (InputError, ImportError) as e:  # e.g. a non-residual vector kind
         log.warning("emolens: GGUF export skipped: %s", e)
+    return out
 
 
-def _step_calibration(model, store: _Store, cfg: Paper1Config, vecs: EmotionVectors, locus: dict, layers: list[int],
-                      prompts: list[str], gen_kw: dict, progress: bool) -> None:
-    store.path("sweeps").mkdir(exist_ok=True)
+def step_calibration(ctx: Context) -> dict:
+    """3. Strength x layer sweep per position mode (and global steering) on the calibration openers, picked
+    under the fluency guard. Outputs: ``calibration`` (JSON), ``sweeps`` (tables + replies)."""
+    model, cfg, progress = ctx.model, ctx.config, ctx.progress
+    vecs, locus = ctx.load("vectors"), ctx.load("locus")
+    prompts, _ = load_openers_split(cfg)
+    layers = _candidate_layers(int(locus["layer"]), cfg.layer_offsets, model.n_layers)
+    gen_kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     base_texts = generate(model, prompts, [], label="strength 0 (unsteered)", **gen_kw)
     base = (base_texts, score_condition(model, prompts, base_texts))
-    out: dict = {"sweeps": [], "modes": {}, "layers": layers}
+    out: dict = {"sweeps": [], "modes": {}, "layers": layers, "n_prompts": len(prompts)}
+    sweeps: dict[str, _Sweep] = {}
     window = tuple(locus["window"])
     for mode, strengths in cfg.positions.items():
         sr = sweep(model, prompts, vecs, cfg.steer_name, strengths=strengths, layers=layers, kind=cfg.vector_kind,
@@ -529,7 +500,7 @@ def _step_calibration(model, store: _Store, cfg: Paper1Config, vecs: EmotionVect
         c = calibrate(sr, max_ppl_increase=cfg.max_ppl_increase, max_distinct_drop=cfg.max_distinct_drop)
         sr.table = c.table
         name = f"steer_{mode.replace('+', '_')}"
-        _save_sweep(store, f"sweeps/{name}", sr)
+        sweeps[name] = _Sweep(sr)
         out["sweeps"].append(name)
         out["modes"][mode] = {**c.to_dict(), "sweep": name}
     if cfg.global_strengths:
@@ -542,14 +513,14 @@ def _step_calibration(model, store: _Store, cfg: Paper1Config, vecs: EmotionVect
         c = calibrate(sr, max_ppl_increase=cfg.max_ppl_increase, max_distinct_drop=cfg.max_distinct_drop)
         c.reason = c.reason.replace("layer -1, ", "all layers, ")
         sr.table = c.table
-        _save_sweep(store, "sweeps/global", sr)
+        sweeps["global"] = _Sweep(sr)
         out["sweeps"].append("global")
         out["global"] = {**c.to_dict(), "sweep": "global"}
     # the main condition: the mode whose calibrated point has the best objective
     best, best_obj = None, -math.inf
     for mode, c in out["modes"].items():
-        sr_t = pd.read_parquet(store.path(f"sweeps/{c['sweep']}_table.parquet"))
-        row = sr_t[sr_t["chosen"]]
+        row = sweeps[c["sweep"]].sweep_result.table
+        row = row[row["chosen"]]
         obj = float(row["objective"].iloc[0]) if len(row) else -math.inf
         c["objective"] = obj
         if c["ok"] and obj > best_obj:
@@ -557,14 +528,20 @@ def _step_calibration(model, store: _Store, cfg: Paper1Config, vecs: EmotionVect
     if best is None:  # nothing passed: report the best trade-off of the first mode honestly
         best = next(iter(out["modes"]))
     out["main"] = best
-    store.save_json("calibration.json", out)
+    return {"calibration": json.loads(json.dumps(out, default=_json_default)), "sweeps": sweeps}
 
 
-def _step_evaluation(model, store: _Store, cfg: Paper1Config, vecs: EmotionVectors, locus: dict, calib: dict,
-                     prompts: list[str], gen_kw: dict, progress: bool) -> None:
+def step_evaluation(ctx: Context) -> dict:
+    """4. Held-out openers: unsteered, each mode at its calibrated point, global steering, priming; paired
+    tests. Outputs: ``replies`` (one table per condition), ``results_table``, ``acceptance``."""
     from ..evaluate import results_table
     from ..progress import progress_bar
+    from ..steering import pooled_perplexity
 
+    model, cfg, progress = ctx.model, ctx.config, ctx.progress
+    vecs, locus, calib = ctx.load("vectors"), ctx.load("locus"), ctx.load("calibration")
+    _, prompts = load_openers_split(cfg)
+    gen_kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     window = tuple(locus["window"])
     conds = [Condition("unsteered")]
     for mode, c in calib["modes"].items():
@@ -581,29 +558,19 @@ def _step_evaluation(model, store: _Store, cfg: Paper1Config, vecs: EmotionVecto
                                                                kind=cfg.vector_kind, strength_mode=cfg.strength_mode),
                                info={"strength": g["strength"]}))
     conds.append(Condition("priming", system=priming_system(list(cfg.emotions), cfg.priming_template)))
-    store.path("replies").mkdir(exist_ok=True)
     frames: dict[str, pd.DataFrame] = {}
     for c in progress_bar(conds, desc="held-out conditions", disable=not progress):
-        f = store.path(f"replies/{c.name.replace(':', '_')}.parquet")
-        if f.exists():  # resume inside the step
-            frames[c.name] = pd.read_parquet(f)
-            continue
         label = f"condition {c.name!r}" + (f" (strength {c.info['strength']:g} {cfg.strength_mode}"
                                            + (f" at layer {c.info['layer']}" if c.info.get("layer") is not None else "")
                                            + ")" if c.info.get("strength") is not None else "")
         texts = generate(model, prompts, c.interventions, label=label, system=c.system, **gen_kw)
         df = score_condition(model, prompts, texts)
         df["text"] = texts
-        df.to_parquet(f, index=False)
         frames[c.name] = df
     scores = {k: v.drop(columns=["text"]) for k, v in frames.items()}
     metrics = [m for m in ("joy_trust", "joy", "trust", "first_person_rate", "positive", "negative", "vader_compound",
                            "distinct_2", "n_tokens", "perplexity") if m in scores["unsteered"]]
     table = results_table(scores, baseline="unsteered", metrics=metrics, seed=cfg.seed)
-    table.reset_index().to_parquet(store.path("results_table.parquet"), index=False)
-    # pooled perplexity ratios and the acceptance check
-    from ..steering import pooled_perplexity
-
     base_ppl = pooled_perplexity(scores["unsteered"])
     acc: dict = {"alpha": cfg.alpha, "max_ppl_increase": cfg.max_ppl_increase, "n_heldout": len(prompts),
                  "baseline_ppl": base_ppl, "conditions": {}}
@@ -624,34 +591,157 @@ def _step_evaluation(model, store: _Store, cfg: Paper1Config, vecs: EmotionVecto
     acc["main"] = f"steer:{calib['main']}"
     acc["passes"] = bool(acc["conditions"].get(acc["main"], {}).get("passes", False))
     acc["any_steering_passes"] = any(v["passes"] for k, v in acc["conditions"].items() if k.startswith("steer:"))
-    store.save_json("acceptance.json", acc)
+    return {"replies": {k.replace(":", "_"): v for k, v in frames.items()}, "results_table": table.reset_index(),
+            "acceptance": json.loads(json.dumps(acc, default=_json_default))}
 
 
 # =========================================================================================
-# Report sections
+# Report sections (one per step)
 # =========================================================================================
-def _fig(fn, *args, **kw):
-    try:
-        from .. import viz
+def _locus_section(ctx: Context) -> Section:
+    from .. import viz
 
-        return getattr(viz, fn)(*args, **kw)
-    except Exception as e:  # a figure must never sink the run; the raw results are saved anyway
-        log.warning("emolens: figure %s failed: %s", fn, e)
-        return None
+    cfg = ctx.config
+    attr, locus, verify_info = ctx.load("attribution_resid"), ctx.load("locus"), ctx.load("verify")
+    s1 = Section("1. Locus: attribution patching over layer × position")
+    s1.add_text(
+        f"Clean runs: system '{locus['framing'][0]}'; corrupted: '{locus['framing'][1]}' (same token length"
+        f"{'' if locus['align'] is None else '; not available, right-aligned on t*'}), {attr.meta.get('n_tasks')} "
+        f"diagnostic tasks, metric log p(aligned reply) − log p(misaligned reply) (nats): clean "
+        f"{locus['clean_metric']:.2f}, corrupted {locus['corrupted_metric']:.2f}. Scores: attribution patching "
+        f"({attr.meta.get('method')}) of {cfg.vector_kind} at every layer and position (positions aligned on the last "
+        "prompt token; reply tokens follow it), denoising convention: positive = patching the warm run's activation "
+        "into the cold run raises the metric.",
+        f"Locus layer {locus['layer']}: the "
+        + (f"first layer at which the attribution over the last {cfg.window_span} prompt positions reaches "
+           f"{cfg.onset_fraction:.0%} of its maximum" if locus["rule"] == "onset" else
+           f"layer with the most attribution over the last {cfg.window_span} prompt positions")
+        + f" (rule '{locus['rule']}'); window = top {cfg.window_max} positions there: offsets {locus['window']} = "
+        f"{locus['window_tokens']}.")
+    s1.figure("Attribution patching: residual stream, layer × position (nats)", viz.resid_heatmap, attr,
+              title=f"Attribution patching ({attr.meta.get('method')}), {cfg.vector_kind} × position")
+    prof = Result("layers", torch.tensor(locus["profile"]), ("layer",), {"layer": list(range(len(locus["profile"])))},
+                  meta={"metric": f"sum |AtP| over the last {cfg.window_span} prompt positions", "name": "window mass"})
+    s1.figure("Attribution mass near the reply, per layer (the locus rule's input)", viz.layer_lines, prof,
+              title=f"Attribution mass over the last {cfg.window_span} prompt positions")
+    if verify_info.get("cells"):
+        s1.add_text(f"Exact activation patching of the top {verify_info['k']} cells (+ {cfg.verify_controls} random "
+                    f"controls) on {verify_info['n_tasks']} tasks: Spearman {verify_info['spearman']:.2f}, Pearson "
+                    f"{verify_info['pearson']:.2f}, top-k overlap {verify_info['topk_overlap']:.2f}.")
+        s1.add_table("Top cells: attribution estimate vs exact patching (nats)", pd.DataFrame(verify_info["cells"]))
+    s1.results["attribution_resid"] = attr
+    if ctx.has("attribution_exact"):
+        s1.results["attribution_exact"] = ctx.load("attribution_exact")
+    return s1
 
 
-def _add_fig(sec: Section, caption: str, fig) -> None:
-    if fig is not None:
-        sec.add_figure(caption, fig)
+def _vectors_section(ctx: Context) -> Section:
+    from .. import viz
+
+    cfg = ctx.config
+    vecs, quality, locus = ctx.load("vectors"), ctx.load("vector_quality"), ctx.load("locus")
+    vecs_pca = ctx.load("vectors_pca", None)
+    s2 = Section("2. Emotion vectors")
+    s2.add_text(f"Mean-difference vectors of {', '.join(cfg.emotions)} (contrastive pairs, train split; exemplar's "
+                f"last token, raw text) at {cfg.vector_kind} of every layer; '{cfg.steer_name}' is their mean. Quality "
+                "on the held-out pairs: AUROC of the projection and Cohen's d. The steering vector is exported as a "
+                f"llama.cpp control vector ({cfg.steer_name}.gguf: direction.L = {cfg.vector_kind}.L).")
+    norms = vecs.norms(cfg.vector_kind)
+    s2.figure("Vector L2 norm per layer", viz.layer_lines, norms, title="Emotion vector norm per layer")
+    cos_series, cos_labels = [], []
+    if len(cfg.emotions) >= 2:
+        c = vecs.cosine_by_layer(cfg.emotions[0], cfg.emotions[1], cfg.vector_kind)
+        cos_series.append(c.scores)
+        cos_labels.append(f"cos({cfg.emotions[0]}, {cfg.emotions[1]})")
+    if vecs_pca is not None:
+        layers = vecs.layers(cfg.steer_name, cfg.vector_kind)
+        cos_series.append(torch.tensor([float(torch.nn.functional.cosine_similarity(
+            vecs.get(cfg.steer_name, f"{cfg.vector_kind}.{L}"), vecs_pca.get(cfg.steer_name, f"{cfg.vector_kind}.{L}"),
+            dim=0)) for L in layers]))
+        cos_labels.append("cos(mean-diff, PCA)")
+    if cos_series:
+        cres = Result("layers", torch.stack(cos_series), ("series", "layer"),
+                      {"series": cos_labels, "layer": vecs.layers(kind=cfg.vector_kind)}, meta={"metric": "cosine"})
+        s2.figure("Cosine similarity per layer", viz.layer_lines, cres, title="Cosine similarity per layer")
+        s2.results["vector_cosines"] = cres
+    if len(quality):
+        piv = quality.pivot(index="emotion", columns="layer", values="auroc")
+        qres = Result("layers", torch.tensor(piv.to_numpy(), dtype=torch.float32), ("emotion", "layer"),
+                      {"emotion": list(piv.index), "layer": [int(x) for x in piv.columns]},
+                      meta={"metric": "held-out AUROC", "name": "auroc"})
+        s2.figure("Held-out separation (AUROC of the projection) per layer", viz.layer_lines, qres,
+                  title="Held-out AUROC per layer")
+        L = int(locus["layer"])
+        s2.add_table(f"Held-out quality near the locus (layers {max(0, L - 3)}–{L + 3})",
+                     quality[(quality.layer >= L - 3) & (quality.layer <= L + 3)].reset_index(drop=True))
+        s2.results["vector_auroc"] = qres
+    s2.results["vector_norms"] = norms
+    return s2
 
 
-def _sections(model, store, cfg, attr, exact, locus, verify_info, vecs, vecs_pca, quality, sweeps, calib, times,
-              n_cal, n_held) -> list[Section]:
-    acc = store.load_json("acceptance.json")
-    table = pd.read_parquet(store.path("results_table.parquet"))
-    secs: list[Section] = []
+def _calibration_section(ctx: Context) -> Section:
+    from .. import viz
 
-    # summary ----------------------------------------------------------------------------------
+    cfg = ctx.config
+    calib, sweeps, locus = ctx.load("calibration"), ctx.load("sweeps"), ctx.load("locus")
+    s3 = Section("3. Calibration: strength × layer sweep with a fluency guard")
+    s3.add_text(f"{calib['n_prompts']} calibration openers, greedy decoding, {cfg.max_new_tokens} new tokens. Strengths "
+                f"are '{cfg.strength_mode}'-relative (multiples of the layer's median activation norm); layers = locus "
+                f"{locus['layer']} + offsets {list(cfg.layer_offsets)}. A point is admissible when the pooled "
+                f"perplexity of its replies under the unsteered model is ≤ ×{1 + cfg.max_ppl_increase:.2f} the "
+                "unsteered replies' (and distinct-2 does not drop by more than "
+                f"{cfg.max_distinct_drop if cfg.max_distinct_drop is not None else 'any'} — perplexity rewards "
+                "repetition); among those, the best min(d_z) over the targets wins.")
+    for mode, c in calib["modes"].items():
+        s3.add_text(f"Position mode '{mode}': {c['reason']}")
+    if calib.get("global"):
+        s3.add_text(f"Global steering (every layer, every position, strength split over layers): {calib['global']['reason']}")
+    for name, w in sweeps.items():
+        sr = w.sweep_result
+        mode = sr.settings.get("position", name)
+        cinfo = calib["modes"].get(mode) if name != "global" else calib.get("global")
+        L = cinfo["layer"] if cinfo and cinfo.get("layer") is not None else next(
+            (k[0] for k in sr.scores if k[0] is not None), None)
+        if L is None:
+            continue
+        rates = {m: sr.curve(m, L) for m in ("joy", "trust", "joy_trust", "first_person_rate") if m in sr.scores[(None, 0.0)]}
+        title = "global steering" if name == "global" else f"mode '{mode}', layer {L}"
+        s3.figure(f"Strength curves ({title}): NRC rates and first-person rate (95% bootstrap CI)", viz.curves, rates,
+                  title=f"Rates vs strength ({title})", x_title=f"strength ({cfg.strength_mode})",
+                  y_title="rate per word")
+        s3.figure(f"Perplexity ratio under the unsteered model ({title})", viz.curves,
+                  {"perplexity ratio": sr.curve("ppl", L, ratio=True)},
+                  title=f"Perplexity ratio vs strength ({title})", x_title=f"strength ({cfg.strength_mode})",
+                  y_title="× unsteered")
+        cols = [c for c in ("layer", "strength", "joy_trust", "first_person_rate", "joy_trust_dz",
+                            "first_person_rate_dz", "ppl", "ppl_ratio", "distinct_2_ratio", "objective",
+                            "admissible", "chosen") if c in sr.table.columns]
+        s3.add_table(f"Sweep table ({name})", sr.table[cols])
+    return s3
+
+
+def _evaluation_section(ctx: Context) -> Section:
+    cfg = ctx.config
+    table, acc, replies = ctx.load("results_table"), ctx.load("acceptance"), ctx.load("replies")
+    s4 = Section("4. Held-out evaluation")
+    s4.add_text(f"{acc['n_heldout']} held-out openers (not used for calibration), greedy, {cfg.max_new_tokens} new "
+                "tokens. Conditions: unsteered; each position mode at its calibrated point; global steering; "
+                "instruction priming (system prompt asking for the emotions). Paired t-tests and Wilcoxon vs "
+                "unsteered, Holm adjusted within a condition; 95% bootstrap CIs of the mean difference. NRC rates are "
+                "words per word token (Mohammad & Turney 2013, research use).")
+    s4.figure("Change vs unsteered per condition (mean paired difference, 95% bootstrap CI)", _effects_figure, table,
+              [m for m in ("joy_trust", "joy", "trust", "first_person_rate") if m in set(table["metric"])])
+    s4.add_table("Results table (condition × metric)", table)
+    texts = {k: v["text"].tolist() for k, v in replies.items()}
+    n = min(cfg.n_examples, len(texts.get("unsteered", [])))
+    _, held_prompts = load_openers_split(cfg)
+    s4.add_table("Example replies", pd.DataFrame({"opener": held_prompts[:n], **{k: v[:n] for k, v in texts.items()}}))
+    return s4
+
+
+def _summary_section(ctx: Context) -> Section:
+    cfg = ctx.config
+    acc, locus = ctx.load("acceptance"), ctx.load("locus")
     s0 = Section("Paper 1: emotion vectors and steering (summary)")
     main = acc["main"]
     mrow = acc["conditions"].get(main, {})
@@ -660,9 +750,11 @@ def _sections(model, store, cfg, attr, exact, locus, verify_info, vecs, vecs_pca
         "intervention locus by attribution patching, build a joy/trust vector from contrastive pairs, steer "
         "generation there, and compare with the unsteered model, global steering and instruction priming. The "
         "paper's full text was not available; inferred steps are configuration (Paper1Config).",
-        f"Model {model.name}; locus {locus['site']} (rule {locus['rule']}), window offsets {locus['window']} "
+        f"Model {ctx.model.name}; locus {locus['site']} (rule {locus['rule']}), window offsets {locus['window']} "
         f"(tokens {locus['window_tokens']}). Steering vector '{cfg.steer_name}' = mean of "
         f"{', '.join(cfg.emotions)} mean-difference vectors.",
+        "Data: " + ", ".join(f"{k} = {getattr(cfg, k) or 'packaged'}" for k in ("tasks_data", "pairs_data",
+                                                                                "openers_data")) + ".",
     )
     if mrow:
         jt, fp = mrow.get("joy_trust", {}), mrow.get("first_person_rate", {})
@@ -686,140 +778,59 @@ def _sections(model, store, cfg, attr, exact, locus, verify_info, vecs, vecs_pca
                      "first_person_p": r.get("first_person_rate", {}).get("p"), "ppl_ratio": r["ppl_ratio"],
                      "passes": r["passes"]})
     s0.add_table("Acceptance per condition (held-out openers; p = paired t-test vs unsteered)", pd.DataFrame(rows))
-    s0.add_table("Step times (seconds; resumed steps show the time of the run that computed them)",
-                 pd.DataFrame([{"step": k, "seconds": round(v, 1)} for k, v in times.items()]))
-    secs.append(s0)
+    s0.add_table("Steps in this call (computed or reused from the run folder, and why; reused steps show the time "
+                 "of the run that computed them)", log_table(ctx))
+    return s0
 
-    # 1. locus -----------------------------------------------------------------------------------
-    s1 = Section("1. Locus: attribution patching over layer × position")
-    s1.add_text(
-        f"Clean runs: system '{locus['framing'][0]}'; corrupted: '{locus['framing'][1]}' (same token length"
-        f"{'' if locus['align'] is None else '; not available, right-aligned on t*'}), {attr.meta.get('n_tasks')} "
-        f"diagnostic tasks, metric log p(aligned reply) − log p(misaligned reply) (nats): clean "
-        f"{locus['clean_metric']:.2f}, corrupted {locus['corrupted_metric']:.2f}. Scores: attribution patching "
-        f"({attr.meta.get('method')}) of {cfg.vector_kind} at every layer and position (positions aligned on the last "
-        "prompt token; reply tokens follow it), denoising convention: positive = patching the warm run's activation "
-        "into the cold run raises the metric.",
-        f"Locus layer {locus['layer']}: the "
-        + (f"first layer at which the attribution over the last {cfg.window_span} prompt positions reaches "
-           f"{cfg.onset_fraction:.0%} of its maximum" if locus["rule"] == "onset" else
-           f"layer with the most attribution over the last {cfg.window_span} prompt positions")
-        + f" (rule '{locus['rule']}'); window = top {cfg.window_max} positions there: offsets {locus['window']} = "
-        f"{locus['window_tokens']}.")
-    _add_fig(s1, "Attribution patching: residual stream, layer × position (nats)",
-             _fig("resid_heatmap", attr, title=f"Attribution patching ({attr.meta.get('method')}), "
-                                               f"{cfg.vector_kind} × position"))
-    prof = Result("layers", torch.tensor(locus["profile"]), ("layer",), {"layer": list(range(len(locus["profile"])))},
-                  meta={"metric": f"sum |AtP| over the last {cfg.window_span} prompt positions", "name": "window mass"})
-    _add_fig(s1, "Attribution mass near the reply, per layer (the locus rule's input)",
-             _fig("layer_lines", prof, title=f"Attribution mass over the last {cfg.window_span} prompt positions"))
-    if verify_info.get("cells"):
-        s1.add_text(f"Exact activation patching of the top {verify_info['k']} cells (+ {cfg.verify_controls} random "
-                    f"controls) on {verify_info['n_tasks']} tasks: Spearman {verify_info['spearman']:.2f}, Pearson "
-                    f"{verify_info['pearson']:.2f}, top-k overlap {verify_info['topk_overlap']:.2f}.")
-        s1.add_table("Top cells: attribution estimate vs exact patching (nats)", pd.DataFrame(verify_info["cells"]))
-    s1.results["attribution_resid"] = attr
-    if exact is not None:
-        s1.results["attribution_exact"] = exact
-    secs.append(s1)
 
-    # 2. vectors ---------------------------------------------------------------------------------
-    s2 = Section("2. Emotion vectors")
-    s2.add_text(f"Mean-difference vectors of {', '.join(cfg.emotions)} (contrastive pairs, train split; exemplar's "
-                f"last token, raw text) at {cfg.vector_kind} of every layer; '{cfg.steer_name}' is their mean. Quality "
-                "on the held-out pairs: AUROC of the projection and Cohen's d. The steering vector is exported as a "
-                f"llama.cpp control vector ({cfg.steer_name}.gguf: direction.L = {cfg.vector_kind}.L).")
-    norms = vecs.norms(cfg.vector_kind)
-    _add_fig(s2, "Vector L2 norm per layer", _fig("layer_lines", norms, title="Emotion vector norm per layer"))
-    cos_series, cos_labels = [], []
-    if len(cfg.emotions) >= 2:
-        c = vecs.cosine_by_layer(cfg.emotions[0], cfg.emotions[1], cfg.vector_kind)
-        cos_series.append(c.scores)
-        cos_labels.append(f"cos({cfg.emotions[0]}, {cfg.emotions[1]})")
-    if vecs_pca is not None:
-        layers = vecs.layers(cfg.steer_name, cfg.vector_kind)
-        cos_series.append(torch.tensor([float(torch.nn.functional.cosine_similarity(
-            vecs.get(cfg.steer_name, f"{cfg.vector_kind}.{L}"), vecs_pca.get(cfg.steer_name, f"{cfg.vector_kind}.{L}"),
-            dim=0)) for L in layers]))
-        cos_labels.append("cos(mean-diff, PCA)")
-    if cos_series:
-        cres = Result("layers", torch.stack(cos_series), ("series", "layer"),
-                      {"series": cos_labels, "layer": vecs.layers(kind=cfg.vector_kind)}, meta={"metric": "cosine"})
-        _add_fig(s2, "Cosine similarity per layer", _fig("layer_lines", cres, title="Cosine similarity per layer"))
-        s2.results["vector_cosines"] = cres
-    if len(quality):
-        piv = quality.pivot(index="emotion", columns="layer", values="auroc")
-        qres = Result("layers", torch.tensor(piv.to_numpy(), dtype=torch.float32), ("emotion", "layer"),
-                      {"emotion": list(piv.index), "layer": [int(x) for x in piv.columns]},
-                      meta={"metric": "held-out AUROC", "name": "auroc"})
-        _add_fig(s2, "Held-out separation (AUROC of the projection) per layer",
-                 _fig("layer_lines", qres, title="Held-out AUROC per layer"))
-        L = int(locus["layer"])
-        s2.add_table(f"Held-out quality near the locus (layers {max(0, L - 3)}–{L + 3})",
-                     quality[(quality.layer >= L - 3) & (quality.layer <= L + 3)].reset_index(drop=True))
-        s2.results["vector_auroc"] = qres
-    s2.results["vector_norms"] = norms
-    secs.append(s2)
+#: The paper-1 pipeline: public steps on the engine (:mod:`emolens.pipelines.engine`).
+STEPS: tuple[Step, ...] = (
+    Step("locus", step_locus, config=("tasks_columns", "n_diagnostic", "framings", "attribution_method",
+                                       "attribution_batch_size", "vector_kind", "locus_rule", "onset_fraction",
+                                       "window_span", "window_max", "verify_k", "verify_controls", "n_verify_tasks"),
+         data=("tasks_data",), section=_locus_section),
+    Step("vectors", step_vectors, config=("pairs_columns", "emotions", "steer_name", "max_pairs", "vector_kind",
+                                          "method", "pca_center", "token_reduce", "compare_pca"),
+         data=("pairs_data",), section=_vectors_section),
+    Step("calibration", step_calibration, inputs=("locus", "vectors"),
+         config=("openers_columns", "n_calibration", "n_heldout", "steer_name", "vector_kind", "positions",
+                 "layer_offsets", "global_strengths", "strength_mode", "max_ppl_increase", "max_distinct_drop",
+                 "targets", "max_new_tokens", "batch_size"),
+         data=("openers_data",), section=_calibration_section),
+    Step("evaluation", step_evaluation, inputs=("locus", "vectors", "calibration"),
+         config=("openers_columns", "n_calibration", "n_heldout", "priming_template", "emotions", "steer_name",
+                 "vector_kind", "strength_mode", "max_new_tokens", "batch_size", "seed", "alpha", "max_ppl_increase",
+                 "targets", "n_examples"),
+         data=("openers_data",), section=_evaluation_section),
+)
 
-    # 3. calibration ----------------------------------------------------------------------------------
-    s3 = Section("3. Calibration: strength × layer sweep with a fluency guard")
-    s3.add_text(f"{n_cal} calibration openers, greedy decoding, {cfg.max_new_tokens} new tokens. Strengths are "
-                f"'{cfg.strength_mode}'-relative (multiples of the layer's median activation norm); layers = locus "
-                f"{locus['layer']} + offsets {list(cfg.layer_offsets)}. A point is admissible when the pooled "
-                f"perplexity of its replies under the unsteered model is ≤ ×{1 + cfg.max_ppl_increase:.2f} the "
-                "unsteered replies' (and distinct-2 does not drop by more than "
-                f"{cfg.max_distinct_drop if cfg.max_distinct_drop is not None else 'any'} — perplexity rewards "
-                "repetition); among those, the best min(d_z) over the targets wins.")
-    for mode, c in calib["modes"].items():
-        s3.add_text(f"Position mode '{mode}': {c['reason']}")
-    if calib.get("global"):
-        s3.add_text(f"Global steering (every layer, every position, strength split over layers): {calib['global']['reason']}")
-    for name, sr in sweeps.items():
-        mode = sr.settings.get("position", name)
-        cinfo = calib["modes"].get(mode) if name != "global" else calib.get("global")
-        L = cinfo["layer"] if cinfo and cinfo.get("layer") is not None else next(
-            (k[0] for k in sr.scores if k[0] is not None), None)
-        if L is None:
-            continue
-        rates = {m: sr.curve(m, L) for m in ("joy", "trust", "joy_trust", "first_person_rate") if m in sr.scores[(None, 0.0)]}
-        title = "global steering" if name == "global" else f"mode '{mode}', layer {L}"
-        _add_fig(s3, f"Strength curves ({title}): NRC rates and first-person rate (95% bootstrap CI)",
-                 _fig("curves", rates, title=f"Rates vs strength ({title})", x_title=f"strength ({cfg.strength_mode})",
-                      y_title="rate per word"))
-        _add_fig(s3, f"Perplexity ratio under the unsteered model ({title})",
-                 _fig("curves", {"perplexity ratio": sr.curve("ppl", L, ratio=True)},
-                      title=f"Perplexity ratio vs strength ({title})", x_title=f"strength ({cfg.strength_mode})",
-                      y_title="× unsteered"))
-        cols = [c for c in ("layer", "strength", "joy_trust", "first_person_rate", "joy_trust_dz",
-                            "first_person_rate_dz", "ppl", "ppl_ratio", "distinct_2_ratio", "objective",
-                            "admissible", "chosen") if c in sr.table.columns]
-        s3.add_table(f"Sweep table ({name})", sr.table[cols])
-    secs.append(s3)
 
-    # 4. evaluation ------------------------------------------------------------------------------------
-    s4 = Section("4. Held-out evaluation")
-    s4.add_text(f"{n_held} held-out openers (not used for calibration), greedy, {cfg.max_new_tokens} new tokens. "
-                "Conditions: unsteered; each position mode at its calibrated point; global steering; instruction "
-                "priming (system prompt asking for the emotions). Paired t-tests and Wilcoxon vs unsteered, Holm "
-                "adjusted within a condition; 95% bootstrap CIs of the mean difference. NRC rates are words per word "
-                "token (Mohammad & Turney 2013, research use).")
-    try:
-        s4.add_figure("Change vs unsteered per condition (mean paired difference, 95% bootstrap CI)",
-                      _effects_figure(table, [m for m in ("joy_trust", "joy", "trust", "first_person_rate")
-                                              if m in set(table["metric"])]))
-    except Exception as e:  # a figure must never sink the run
-        log.warning("emolens: effects figure failed: %s", e)
-    s4.add_table("Results table (condition × metric)", table)
-    try:
-        texts = {p.stem: pd.read_parquet(p)["text"].tolist() for p in sorted(store.path("replies").glob("*.parquet"))}
-        n = min(cfg.n_examples, len(texts.get("unsteered", [])))
-        _, held_prompts = _openers(cfg)
-        ex = pd.DataFrame({"opener": held_prompts[:n], **{k: v[:n] for k, v in texts.items()}})
-        s4.add_table("Example replies", ex)
-    except Exception as e:  # examples are a convenience
-        log.warning("emolens: example table failed: %s", e)
-    secs.append(s4)
-    return secs
+def run(model, out_dir, *, quick: bool = False, progress: bool = True, config: Paper1Config | None = None,
+        resume: bool = True, on_step=None) -> list[Section]:
+    """Run paper 1 end to end on ``model``; raw results go to ``out_dir/paper1``; returns report sections.
+
+    Args:
+        model: an :class:`~emolens.model.EmoModel`.
+        out_dir: run folder.
+        quick: :meth:`Paper1Config.quick` (a smoke run; seconds on a tiny model, ~2 min on the embedded one).
+        progress: progress bars.
+        config: hyperparameters and data (default :class:`Paper1Config`).
+        resume: reuse steps of an earlier run in ``out_dir`` whose fingerprint (config fields, model, data,
+            inputs) still matches; the others, and everything downstream of them, recompute.
+        on_step: called with each step's :class:`~emolens.pipelines.engine.StepLog` (e.g. to update run.json).
+
+    Returns:
+        report sections (summary, locus, vectors, calibration, held-out evaluation).
+    """
+    cfg = config if config is not None else Paper1Config()
+    if quick:
+        cfg = cfg.quick()
+    cfg.check()
+    check_data(cfg)
+    root = Path(out_dir) / "paper1"
+    ctx = run_steps(STEPS, model, cfg, root, progress=progress, resume=resume, on_step=on_step, label="paper 1")
+    io.write_json(root / "run_config.json", {"config": cfg.to_dict(), "model": model_fingerprint(model)})
+    return [_summary_section(ctx)] + engine_sections(STEPS, ctx)
 
 
 def _effects_figure(table: pd.DataFrame, metrics: Sequence[str]):
@@ -835,6 +846,7 @@ def _effects_figure(table: pd.DataFrame, metrics: Sequence[str]):
     fig.update_layout(barmode="group", height=420, yaxis_title="Δ rate per word vs unsteered",
                       xaxis_title="condition", title="Held-out openers: change vs the unsteered model")
     return fig
+
 
 
 # =========================================================================================
@@ -861,6 +873,8 @@ def add_steer_args(p) -> None:
     p.add_argument("--window", default="-3,-2,-1", help="locus window: offsets from the prompt end")
     p.add_argument("--max-new-tokens", type=int, default=60)
     p.add_argument("--save-gguf", default=None, help="also write the steering vector as a llama.cpp control vector")
+    p.add_argument("--pairs-data", default=None, help="contrastive pairs to build the vector from (JSONL/CSV/parquet "
+                   "or a datasets folder; schema: emotion, positive, negative[, split]); default: the packaged pairs")
 
 
 def steer_cli(args) -> int:
@@ -924,7 +938,10 @@ def steer_cli(args) -> int:
             else:
                 vecs.combine(emotions, name)
     if vecs is None:
-        pairs = load_contrastive_pairs(emotions=emotions, split="train")
+        pairs = load_contrastive_pairs(args.pairs_data, emotions=emotions, split="train")
+        if not len(pairs):
+            raise InputError(f"No training pairs for {emotions} in {args.pairs_data or 'the packaged pairs'}; add "
+                             "pairs for these emotions or pick others with --emotion.")
         vecs = emotion_vectors(m, pairs, layers=[layer], progress=False)
         if len(emotions) > 1:
             vecs.combine(emotions, name)

@@ -1,7 +1,8 @@
 """Paper 2 end to end: "Do LLMs 'Feel'? Emotion Circuits Discovery and Control" (Wang et al., 2025).
 
-Steps (each a function returning :class:`~emolens.results.Result` objects; :func:`run` chains them
-with checkpoint/resume in ``OUT_DIR/paper2/``):
+Steps (:data:`STEPS`, public steps on the engine :mod:`emolens.pipelines.engine`, raw results in
+``OUT_DIR/paper2/``; a rerun reuses a step only when its configuration fields, model, data and
+inputs are unchanged; the ``step_*`` functions are the same computations with explicit arguments):
 
 1. :func:`step_elicit` - P_emo generation + judge acceptance (the paper's prompting; on the test
    split it is the *prompting baseline*).
@@ -16,9 +17,10 @@ with checkpoint/resume in ``OUT_DIR/paper2/``):
 7. :func:`step_modulate` - circuit modulation during generation (no emotion instruction).
 8. Accuracy tables per emotion and per valence: prompting vs steering vs circuit.
 
-Every hyperparameter lives in :class:`Paper2Config` with the paper's value as default;
-:meth:`Paper2Config.for_model` swaps in values calibrated for small models where the paper's values
-break them (see ``CALIBRATED``), and the report states which values ran.
+Every hyperparameter lives in :class:`Paper2Config` with the paper's value as default, except the
+steering and circuit strengths, which are calibrated in every run on the analysis split (fluency
+guarded; :func:`calibrate_steer_step`, :func:`calibrate_circuit_step`) unless you pass them, and the acceptance filter, which is decided
+from the judge's acceptance rate; the report states what was chosen and why.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -35,33 +36,48 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ._store import StepStore
+from .. import io
+from .engine import (Context, PipelineConfig, Step, log_table, model_fingerprint, register_kind, run_steps,
+                     sections as engine_sections)
 from ..errors import InputError, JudgeError
 from ..results import Result, stack_results
 from ..sections import Section
 
 log = logging.getLogger("emolens")
 
-__all__ = ["Paper2Config", "CALIBRATED", "GenEval", "make_judge", "generate_replies", "step_elicit", "step_stats",
+__all__ = ["Paper2Config", "SIZES", "STEPS", "GenEval", "make_judge", "generate_replies", "step_elicit", "step_stats",
            "step_steer", "step_component_scores", "step_curves", "step_influence", "step_circuits", "step_modulate",
-           "step_calibrate", "accuracy_tables", "curve_ratio_table", "run", "circuit_cli", "add_circuit_args"]
+           "step_calibrate", "accuracy_tables", "curve_ratio_table", "analysis_items", "test_items", "check_data",
+           "elicit_texts_step", "elicit_step", "stats_step", "scores_step", "curves_step", "influence_step",
+           "circuits_step", "calibrate_steer_step", "calibrate_circuit_step", "eval_prompting_texts_step", "eval_steering_texts_step",
+           "eval_circuit_texts_step", "eval_prompting_step", "eval_steering_step", "eval_circuit_step",
+           "examples_step", "run", "circuit_cli", "add_circuit_args"]
 
 
-# =========================================================================================
-# Configuration
-# =========================================================================================
+
 @dataclass
-class Paper2Config:
-    """Every hyperparameter of the paper-2 pipeline; defaults are the paper's values.
+class Paper2Config(PipelineConfig):
+    """Every hyperparameter of the paper-2 pipeline; defaults are the paper's values, except the two
+    strengths (``steer_alpha``, ``circuit_scale``: ``None`` = calibrated in the run on the analysis
+    split, see :func:`calibrate_steer_step`, :func:`calibrate_circuit_step`) and the acceptance filter (``None`` = decided from the judge's
+    acceptance, see :func:`elicit_step`). :meth:`paper` gives the paper's values for all three.
 
     Layer ranges are fractions of depth (``l / n_layers``, inclusive) so they transfer across
     models: steering 11-20 of 28 = (0.39, 0.72); reference layers 21-25 of 28 = (0.75, 0.9);
     PCA depths 1, 9, 12, 27 of 28.
+
+    Data fields (``None`` = the packaged SEV-format splits) take a JSONL/CSV/parquet path or a Hugging
+    Face ``datasets`` folder; ``*_columns`` maps schema fields to your columns (CSV: nested fields as
+    ``event.positive``); ``judge_train`` is a JSONL file of labelled sentences for the probe judge.
     """
 
     # data and prompts
-    emotions: tuple = ("anger", "sadness", "happiness", "fear", "surprise", "disgust")
-    valences: tuple = ("positive", "neutral", "negative")
+    analysis_data: str | None = None  #: SEV-format records for the analysis split (None = packaged)
+    analysis_columns: dict[str, str] = field(default_factory=dict)
+    test_data: str | None = None  #: SEV-format records for the test split (None = packaged)
+    test_columns: dict[str, str] = field(default_factory=dict)
+    emotions: tuple[str, ...] = ("anger", "sadness", "happiness", "fear", "surprise", "disgust")
+    valences: tuple[str, ...] = ("positive", "neutral", "negative")
     analysis_per_theme: int | None = None  #: records per theme of the analysis split (None = all)
     analysis_max_records: int | None = None  #: cap on analysis records after per_theme (spread over themes)
     test_per_theme: int | None = None  #: records per theme of the test split (None = all)
@@ -72,8 +88,10 @@ class Paper2Config:
     judge: str = "probe"  #: "probe" (project MiniLM classifier), "nrc", or "openai" (paper: GPT-4o-mini)
     judge_url: str | None = None
     judge_model: str = "gpt-4o-mini"
+    judge_train: str | None = None  #: training sentences of the probe judge (None = packaged judge_train.jsonl)
     # step 1: elicitation
-    accept_filter: bool = True  #: use only judge-accepted samples downstream (paper)
+    accept_filter: bool | None = None  #: True (paper): accepted samples only; None: on when it keeps enough groups
+    accept_min_fraction: float = 0.5  #: auto filter: on when >= this fraction of context groups stay complete
     prompt_max_new_tokens: int = 100
     prompt_min_new_tokens: int = 0
     prompt_repetition_penalty: float = 1.0
@@ -84,22 +102,22 @@ class Paper2Config:
     batch_size: int = 16  #: prompts per analysis forward pass
     gen_batch_size: int = 32  #: prompts per generation batch
     # step 3: steering
-    steer_alpha: float = 8.0
-    steer_layers_frac: tuple = (0.39, 0.72)
+    steer_alpha: float | None = None  #: None = calibrated in the run (paper: 8)
+    steer_layers_frac: tuple[float, float] = (0.39, 0.72)
     steer_sublayer: str = "mlp"
     steer_max_new_tokens: int = 100
     steer_min_new_tokens: int = 10
     steer_repetition_penalty: float = 1.05
     steer_no_repeat_ngram: int = 3
     # step 4c: ablation / enhancement curves (best reading)
-    curve_layers_frac: tuple = (0.5, 0.8)
-    curve_ks: tuple = tuple(range(11))
+    curve_layers_frac: tuple[float, ...] = (0.5, 0.8)
+    curve_ks: tuple[int, ...] = tuple(range(11))
     curve_n_random: int = 5
     curve_samples: int | None = None  #: P_emo samples per emotion (None = all)
     enhance_scale: float = 1.0
     # step 6: sublayer influence
-    influence_alphas: tuple = (0.1, 0.3, 0.5, 0.7)
-    ref_layers_frac: tuple = (0.75, 0.9)
+    influence_alphas: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7)
+    ref_layers_frac: tuple[float, float] = (0.75, 0.9)
     influence_samples: int | None = None  #: P_neu samples (None = all analysis items)
     # step 7: circuit assembly
     budget_per_sublayer: float = 10.0
@@ -108,76 +126,73 @@ class Paper2Config:
     min_heads: int = 2
     cap_ratio: float = 0.4
     # step 8: circuit modulation
-    circuit_scale: float = 1.0
-    scale_overrides: dict = field(default_factory=dict)  #: per-emotion scale (the repo: {"anger": 0.8})
+    circuit_scale: float | None = None  #: None = calibrated in the run (paper: 1)
+    scale_overrides: dict[str, float] = field(default_factory=dict)  #: per-emotion scale (the repo: {"anger": 0.8})
     circuit_max_new_tokens: int = 100
     circuit_min_new_tokens: int = 10
     circuit_repetition_penalty: float = 1.1
     circuit_no_repeat_ngram: int = 3
-    # calibration (not in the paper: sweeps on the analysis split, chosen by judge accuracy + fluency guard)
-    calibrate: bool = False
-    calib_alphas: tuple = (1.0, 2.0, 4.0, 8.0)
-    calib_scales: tuple = (1.0, 2.0, 4.0, 8.0)
+    # calibration (not in the paper): sweeps on the analysis split, chosen by judge accuracy + fluency guard
+    calib_alphas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    calib_scales: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
     calib_records: int = 4
     calib_max_ppl_ratio: float = 4.0
     calib_min_distinct2: float = 0.3
     # report
-    pca_layers_frac: tuple = (1 / 28, 9 / 28, 12 / 28, 27 / 28)
+    pca_layers_frac: tuple[float, ...] = (1 / 28, 9 / 28, 12 / 28, 27 / 28)
     example_record: int = 0
     example_valence: str = "negative"
     seed: int = 0
-    notes: tuple = ()
+    notes: tuple[str, ...] = ()
 
     # -- constructors ---------------------------------------------------------------------
     @classmethod
     def paper(cls) -> "Paper2Config":
-        """The paper's values (Llama-3.2-3B-Instruct)."""
-        return cls()
+        """The paper's values (Llama-3.2-3B-Instruct): alpha 8, scale 1, acceptance filter on."""
+        return cls(steer_alpha=8.0, circuit_scale=1.0, accept_filter=True)
 
     @classmethod
     def for_model(cls, model_or_name: Any = None) -> "Paper2Config":
-        """Paper values, with the calibrated alternatives of ``CALIBRATED`` for known small models."""
-        name = getattr(model_or_name, "name", model_or_name) or ""
-        cfg = cls()
-        over = CALIBRATED.get(str(name).lower())
-        if over is None and str(name).lower().startswith("tiny-"):
-            over = CALIBRATED["tiny"]
-        return cfg.replace(**over) if over else cfg
-
-    def replace(self, **kw) -> "Paper2Config":
-        bad = [k for k in kw if k not in {f.name for f in dataclasses.fields(self)}]
-        if bad:
-            raise InputError(f"Unknown Paper2Config field(s) {bad}.")
-        return dataclasses.replace(self, **kw)
+        """Defaults with strengths calibrated in the run, sized by :data:`SIZES` for known small models
+        (run sizes for a CPU budget, never strengths)."""
+        name = str(getattr(model_or_name, "name", model_or_name) or "").lower()
+        over = SIZES.get(name)
+        if over is None and name.startswith("tiny-"):
+            over = SIZES["tiny"]
+        return cls().replace(**over) if over else cls()
 
     def quick(self) -> "Paper2Config":
-        """A small, fast variant (same methods, fewer samples and tokens)."""
+        """A small, fast variant: fewer samples and tokens, a small calibration grid on one record, and (unless
+        set) no acceptance filter, which saves the elicitation pass over the analysis split."""
         return self.replace(analysis_per_theme=1, test_per_theme=1,
+                            accept_filter=False if self.accept_filter is None else self.accept_filter,
                             test_max_records=min(self.test_max_records or 4, 4), curve_samples=8,
                             curve_n_random=3, curve_layers_frac=self.curve_layers_frac[:1], influence_samples=8,
-                            influence_alphas=(0.3, 0.7), calibrate=False,
+                            influence_alphas=(0.3, 0.7), calib_records=1,
+                            calib_alphas=tuple(a for a in self.calib_alphas if a <= 4.0)[:3] or self.calib_alphas[:1],
+                            calib_scales=tuple(s for s in self.calib_scales if s <= 4.0)[:3] or self.calib_scales[:1],
                             prompt_max_new_tokens=min(self.prompt_max_new_tokens, 24),
                             steer_max_new_tokens=min(self.steer_max_new_tokens, 24),
                             circuit_max_new_tokens=min(self.circuit_max_new_tokens, 24),
                             steer_min_new_tokens=min(self.steer_min_new_tokens, 8),
                             circuit_min_new_tokens=min(self.circuit_min_new_tokens, 8))
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+    def check(self) -> None:
+        from ..circuits.prompts import check_emotions
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Paper2Config":
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        bad = [k for k in d if k not in names]
-        if bad:
-            raise InputError(f"Unknown Paper2Config field(s) {bad}; valid fields: {sorted(names)}.")
-        kw = {}
-        for k, v in d.items():
-            default = names[k].default
-            kw[k] = tuple(v) if isinstance(v, list) and (isinstance(default, tuple) or default is dataclasses.MISSING) \
-                else v
-        return cls(**kw)
+        check_emotions(self.emotions)
+        if self.judge not in ("probe", "nrc", "openai"):
+            raise InputError(f"Unknown judge {self.judge!r}; use 'probe', 'nrc' or 'openai'.")
+        for k in ("batch_size", "gen_batch_size", "calib_records"):
+            if getattr(self, k) < 1:
+                raise InputError(f"Paper2Config.{k} must be >= 1, got {getattr(self, k)}.")
+        for k in ("steer_alpha", "circuit_scale"):
+            v = getattr(self, k)
+            if v is not None and not v == v:
+                raise InputError(f"Paper2Config.{k} is NaN; pass a number or None (calibrate).")
+        if (self.steer_alpha is None and not self.calib_alphas) or (self.circuit_scale is None and not self.calib_scales):
+            raise InputError("A strength is left to calibration (None) but its grid (calib_alphas / calib_scales) is "
+                             "empty; pass the value or a grid.")
 
     def layers(self, frac: Sequence[float], n_layers: int) -> list[int]:
         from ..circuits.influence import layers_from_fraction
@@ -188,36 +203,20 @@ class Paper2Config:
         return float(self.scale_overrides.get(emotion, self.circuit_scale))
 
 
-#: Per-model calibrated alternatives. Everything not listed keeps the paper's value.
-#: smollm2-135m-instruct: ``step_calibrate`` on 12 analysis items x 6 emotions (ProbeJudge; fluency guard:
-#: perplexity under the unsteered model <= 4 x that of unsteered replies, distinct-2 >= 0.3), see
-#: benchmarks/RESULTS.md. Sweep (accuracy / perplexity; unsteered 6.9% / 2.97): steering alpha 1: 22.2% / 4.5,
-#: 2: 29.2% / 13.3, 4: 11.1% / 70, 8 (paper): 37.5% / 304 (broken text); circuit scale 1: 13.9% / 3.1,
-#: 2: 29.2% / 4.3, 4: 80.6% / 12.2, 8: 79.2% / 33.6. Chosen under the guard: alpha 1, scale 2.
-CALIBRATED: dict[str, dict] = {
+#: Run sizes for known small models on a CPU budget (fewer records, samples and tokens). These are
+#: sizes, not strengths: ``steer_alpha`` and ``circuit_scale`` are calibrated in every run unless passed.
+SIZES: dict[str, dict] = {
     "smollm2-135m-instruct": {
-        # It ignores "Always reply in {emotion}" (README: 3/24 NRC matches), so the judge acceptance filter
-        # would leave almost no complete context groups: directions use every sample instead.
-        "accept_filter": False,
-        # alpha = 8 x RMS at 39-72% depth destroys fluency in this 30-layer model (perplexity x100).
-        "steer_alpha": 1.0,
-        "circuit_scale": 2.0,
-        # CPU budget: 2 shared cores.
-        "test_per_theme": 2,
-        "curve_samples": 16,
-        "influence_samples": 16,
-        "prompt_max_new_tokens": 40,
-        "steer_max_new_tokens": 40,
-        "circuit_max_new_tokens": 40,
-        "notes": ("calibrated for smollm2-135m-instruct (fluency-guarded sweep on the analysis split): "
-                  "accept_filter off, steer_alpha 1, circuit_scale 2; CPU-sized: 40 new tokens, test split 2 "
-                  "records per theme, 16 samples for curves and influence",),
-    },
+        "test_per_theme": 2, "curve_samples": 16, "influence_samples": 16, "prompt_max_new_tokens": 40,
+        "steer_max_new_tokens": 40, "circuit_max_new_tokens": 40,
+        "notes": ("CPU-sized for smollm2-135m-instruct: 40 new tokens, test split 2 records per theme, 16 samples "
+                  "for curves and influence",)},
     "tiny": {"accept_filter": False, "judge": "nrc", "analysis_per_theme": 1, "test_per_theme": 1,
              "test_max_records": 2, "curve_samples": 4, "curve_n_random": 2, "influence_samples": 4,
              "influence_alphas": (0.3,), "prompt_max_new_tokens": 6, "steer_max_new_tokens": 6,
              "circuit_max_new_tokens": 6, "steer_min_new_tokens": 2, "circuit_min_new_tokens": 2,
-             "steer_alpha": 2.0, "circuit_scale": 2.0, "budget_per_sublayer": 2.0, "min_neurons": 1,
+             "calib_alphas": (2.0,), "calib_scales": (2.0,), "calib_records": 1, "calib_max_ppl_ratio": 1e9,
+             "calib_min_distinct2": 0.0, "budget_per_sublayer": 2.0, "min_neurons": 1,
              "min_heads": 1, "notes": ("tiny random-weight test model: sizes shrunk for tests",)},
 }
 
@@ -261,7 +260,7 @@ def make_judge(cfg: Paper2Config):
     from ..evaluate.judges import NRCJudge, OpenAIJudge, ProbeJudge
 
     if cfg.judge == "probe":
-        return ProbeJudge()
+        return ProbeJudge(train_path=cfg.judge_train)
     if cfg.judge == "nrc":
         return NRCJudge()
     if cfg.judge == "openai":
@@ -333,7 +332,10 @@ def _items(cfg: Paper2Config, split: str, per_theme: int | None, max_records: in
     from ..circuits.prompts import sev_items
     from ..datasets import load_sev
 
-    recs = list(records) if records is not None else list(load_sev(split=split))
+    if records is None:
+        path = getattr(cfg, f"{split}_data", None)
+        records = load_sev(path, split=split, columns=getattr(cfg, f"{split}_columns", None) or None)
+    recs = list(records)
     if per_theme is not None:
         seen: dict = {}
         keep = []
@@ -599,233 +601,290 @@ def accuracy_tables(evals: dict[str, GenEval]) -> tuple[pd.DataFrame, pd.DataFra
     return pd.DataFrame(emo_rows).round(2), pd.DataFrame(val_rows).round(2)
 
 
-# =========================================================================================
-# Checkpoints
-# =========================================================================================
-class _Store(StepStore):
-    """Finished steps of one paper-2 run under ``root`` (see :class:`~emolens.pipelines._store.StepStore`)."""
-
-    def __init__(self, root: Path, fingerprint: dict, resume: bool):
-        super().__init__(root, fingerprint, resume, label="paper-2", stale=("*_texts.parquet",))
-
-
-def _gen_step(store: _Store, name: str, method: str, fn_generate: Callable[[], GenEval],
-              fn_judge: Callable[[list[str]], GenEval]) -> GenEval:
-    """Generate (texts saved first), then judge; a judge failure keeps the texts for the resume."""
-    if store.done(name):
-        return GenEval(method, store.load_df(name))
-    t0 = time.time()
-    if store.has_df(f"{name}_texts"):
-        texts = store.load_df(f"{name}_texts")["text"].tolist()
-        ev = fn_judge(texts)
-    else:
-        ev = fn_generate()
-    store.save_df(name, ev.samples)
-    store.mark(name, time.time() - t0, accuracy=ev.accuracy)
-    return ev
-
 
 # =========================================================================================
-# The run
+# Engine output kinds of paper 2
 # =========================================================================================
-def run(model, out_dir, *, quick: bool = False, progress: bool = True, config: Paper2Config | None = None,
-        resume: bool = True) -> list[Section]:
-    """Run paper 2 end to end on ``model``; save raw results into ``out_dir/paper2``; return report sections.
-
-    Args:
-        model: an :class:`~emolens.model.EmoModel`.
-        out_dir: run folder (raw results go to ``out_dir/paper2/``).
-        quick: smaller data and fewer tokens (:meth:`Paper2Config.quick`).
-        config: hyperparameters (default :meth:`Paper2Config.for_model`).
-        resume: reuse finished steps of an earlier run with the same configuration and model.
-
-    Raises:
-        JudgeError: the judge failed (e.g. an unreachable endpoint); finished steps (and generated
-            replies) stay on disk, and a rerun with the same ``out_dir`` resumes.
-    """
-    from ..circuits.prompts import check_emotions
-
-    cfg = config if config is not None else Paper2Config.for_model(model)
-    if quick:
-        cfg = cfg.quick()
-    check_emotions(cfg.emotions)
-    the_judge = make_judge(cfg)  # bad judge settings fail here, before any work (it connects only when used)
-    root = Path(out_dir) / "paper2"
-    info = {k: v for k, v in model.info().items() if k not in ("device",)}
-    store = _Store(root, {"config": cfg.to_dict(), "model": info, "quick": quick}, resume)
-    t_run = time.time()
-
-    def judge():
-        return the_judge
-
-    try:
-        return _run_steps(model, cfg, store, judge, progress, quick, t_run)
-    except JudgeError as e:
-        done = sorted(p.stem for p in (root / "steps").glob("*.json"))
-        raise JudgeError(f"{e}\nThe finished steps ({', '.join(done) or 'none'}) are kept in {root}; fix the judge "
-                         "and rerun with the same output folder to resume.") from None
-
-
-def _run_steps(model, cfg: Paper2Config, store: _Store, judge, progress: bool, quick: bool, t_run: float
-               ) -> list[Section]:
+def _register_kinds() -> None:
     from ..circuits.assembly import Circuit
-    from ..circuits.directions import SEVStats, difference_vectors, emotion_directions
+    from ..circuits.directions import SEVStats
+
+    register_kind("sevstats", lambda o: isinstance(o, SEVStats), lambda o, p: o.save(p), lambda p, m: SEVStats.load(p))
+
+    def save_circuits(cs: dict, folder: Path) -> None:
+        for e, c in cs.items():
+            c.save(folder / f"{e}.json")
+
+    register_kind("circuits", lambda o: isinstance(o, dict) and bool(o) and all(isinstance(v, Circuit)
+                                                                               for v in o.values()),
+                  save_circuits, lambda p, m: {q.stem: Circuit.load(q, model=m) for q in sorted(p.glob("*.json"))})
+
+
+_register_kinds()
+
+
+def analysis_items(cfg: Paper2Config):
+    """The analysis split's scenario-event items (``analysis_data`` or the packaged split, sized by the config)."""
+    return _items(cfg, "analysis", cfg.analysis_per_theme, cfg.analysis_max_records)
+
+
+def test_items(cfg: Paper2Config, all_records: bool = False):
+    """The test split's items (``test_data`` or the packaged split)."""
+    if all_records:
+        return _items(cfg, "test", None)
+    return _items(cfg, "test", cfg.test_per_theme, cfg.test_max_records)
+
+
+def check_data(cfg: Paper2Config) -> None:
+    """Read and validate every data input before any work (errors name the file, line and field)."""
+    from ..errors import DataError
+
+    for split, items in (("analysis", analysis_items(cfg)), ("test", test_items(cfg))):
+        if not items:
+            raise DataError(f"The {split} split ({getattr(cfg, f'{split}_data') or 'packaged'}) has no records after "
+                            f"{split}_per_theme / {split}_max_records; pass more records or larger limits.")
+    if cfg.judge_train is not None and not Path(cfg.judge_train).is_file():
+        raise DataError(f"{cfg.judge_train}: file not found (judge_train). Fix: pass a JSONL file of labelled "
+                        "sentences ({\"text\": ..., \"label\": ...}) or leave it unset for the packaged one.")
+
+
+def _strengths(ctx: Context) -> Paper2Config:
+    """The configuration with the calibrated (or passed) strengths filled in."""
+    kw = {}
+    if ctx.has("steer_calibration"):
+        kw["steer_alpha"] = float(ctx.load("steer_calibration")["steer_alpha"])
+    if ctx.has("circuit_calibration"):
+        kw["circuit_scale"] = float(ctx.load("circuit_calibration")["circuit_scale"])
+    return dataclasses.replace(ctx.config, **kw)
+
+
+def _gen_texts(ctx: Context, ps, kind: str, ivs_for, desc: str) -> dict:
+    cfg = ctx.config
+    texts = generate_replies(ctx.model, ps.prompts, ps.emotions, interventions_for=ivs_for,
+                             gen_kwargs=_gen_kwargs(cfg, kind), batch_size=cfg.gen_batch_size, progress=ctx.progress,
+                             desc=desc)
+    return pd.DataFrame({"text": texts})
+
+
+def _judged(ctx: Context, ps, texts_output: str, method: str) -> pd.DataFrame:
+    texts = ctx.load(texts_output)["text"].tolist()
+    return _judge_frame(ctx.extras["judge"], ps, texts)
+
+
+# -- the steps ----------------------------------------------------------------------------------
+def elicit_texts_step(ctx: Context) -> dict:
+    """1a. Greedy replies to P_emo on the analysis split (skipped when the acceptance filter is off)."""
+    from ..circuits.prompts import emo_prompts
+
+    cfg = ctx.config
+    if cfg.accept_filter is False:
+        return {"elicit_texts": pd.DataFrame({"text": pd.Series([], dtype=str)})}
+    ps = emo_prompts(analysis_items(cfg), cfg.emotions, cfg.system_emo)
+    return {"elicit_texts": _gen_texts(ctx, ps, "prompt", None, "elicitation: generate")}
+
+
+def elicit_step(ctx: Context) -> dict:
+    """1b. Judge the P_emo replies; decide the acceptance filter (``accept_filter=None``: on when at least
+    ``accept_min_fraction`` of the context groups keep every emotion accepted)."""
+    from ..circuits.prompts import emo_prompts
+
+    cfg = ctx.config
+    if cfg.accept_filter is False:
+        return {"acceptance": {"use_filter": False, "reason": "accept_filter=False (quick mode's default, or set): "
+                                                            "every sample is used."}}
+    items = analysis_items(cfg)
+    ps = emo_prompts(items, cfg.emotions, cfg.system_emo)
+    samples = _judged(ctx, ps, "elicit_texts", "prompting (analysis)")
+    groups = samples.groupby(["skeleton_id", "valence"])["match"].all()
+    frac = float(groups.mean()) if len(groups) else 0.0
+    if cfg.accept_filter is True:
+        use, reason = True, "accept_filter=True (the paper's setting)."
+    else:
+        use = frac >= cfg.accept_min_fraction
+        reason = (f"auto: {int(groups.sum())} of {len(groups)} context groups ({frac:.0%}) have every emotion accepted "
+                  f"by the judge; the filter is {'on' if use else 'off'} (threshold {cfg.accept_min_fraction:.0%}"
+                  + ("" if use else ": the model does not follow 'Always reply in {emotion}' well enough, so "
+                     "directions use every sample") + ").")
+    return {"elicit": samples, "acceptance": {"use_filter": bool(use), "reason": reason, "complete_fraction": frac,
+                                              "n_groups": int(len(groups)), "n_complete": int(groups.sum())}}
+
+
+def _accepted(ctx: Context) -> dict | None:
+    if not ctx.load("acceptance")["use_filter"]:
+        return None
+    s = ctx.load("elicit")
+    return {(a, b, c): bool(m) for a, b, c, m in zip(s["skeleton_id"], s["valence"], s["emotion"], s["match"])}
+
+
+def stats_step(ctx: Context) -> dict:
+    """2. One streaming pass over the analysis P_emo prompts: statistics, directions, difference vectors, sigma."""
+    from ..circuits.directions import difference_vectors, emotion_directions
     from ..circuits.influence import sigma as sigma_of
-    from ..circuits.prompts import emo_prompts, neu_prompts
 
-    analysis = _items(cfg, "analysis", cfg.analysis_per_theme, cfg.analysis_max_records)
-    test = _items(cfg, "test", cfg.test_per_theme, cfg.test_max_records)
-    L = model.n_layers
-
-    # -- step 1: elicitation + acceptance (only needed for the filter) -------------------
-    accepted = None
-    elicit_ev = None
-    if cfg.accept_filter:
-        ps = emo_prompts(analysis, cfg.emotions, cfg.system_emo)
-
-        def gen():
-            texts = generate_replies(model, ps.prompts, ps.emotions, gen_kwargs=_gen_kwargs(cfg, "prompt"),
-                                     batch_size=cfg.gen_batch_size, progress=progress, desc="elicitation: generate")
-            store.save_df("elicit_texts", pd.DataFrame({"text": texts}))
-            return step_elicit(model, analysis, cfg, judge(), texts=texts)
-
-        elicit_ev = _gen_step(store, "elicit", "prompting (analysis)", gen,
-                              lambda t: step_elicit(model, analysis, cfg, judge(), texts=t))
-        s = elicit_ev.samples
-        accepted = {(a, b, c): bool(m) for a, b, c, m in zip(s["skeleton_id"], s["valence"], s["emotion"], s["match"])}
-
-    # -- step 2: streaming statistics -> directions, difference vectors, sigma -----------
-    if store.done("stats"):
-        stats = SEVStats.load(store.path("stats"))
-    else:
-        t0 = time.time()
-        stats = step_stats(model, analysis, cfg, accepted, progress=progress)
-        stats.save(store.path("stats"))
-        store.mark("stats", time.time() - t0, n_groups=stats.n_groups)
-    directions = emotion_directions(stats)
+    cfg = ctx.config
+    acc = _accepted(ctx)
+    stats = step_stats(ctx.model, analysis_items(cfg), dataclasses.replace(cfg, accept_filter=acc is not None), acc,
+                       progress=ctx.progress)
     dmu_mlp, dmu_attn = difference_vectors(stats)
-    sig = sigma_of(stats)
-    for name, r in (("directions", directions), ("dmu_mlp", dmu_mlp), ("dmu_attn", dmu_attn), ("sigma", sig)):
-        r.save(store.path(name))  # derived from the statistics: cheap, always current
+    return {"stats": stats, "directions": emotion_directions(stats), "dmu_mlp": dmu_mlp, "dmu_attn": dmu_attn,
+            "sigma": sigma_of(stats)}
 
-    # -- step 4a/4b: component scores ------------------------------------------------------
-    if store.done("scores"):
-        neurons = Result.load(store.path("neuron_scores"))
-        heads = Result.load(store.path("head_scores"))
-    else:
-        t0 = time.time()
-        neurons, heads = step_component_scores(model, stats, directions, cfg, analysis, progress=progress)
-        neurons.save(store.path("neuron_scores"))
-        heads.save(store.path("head_scores"))
-        store.mark("scores", time.time() - t0)
 
-    # -- step 4c: curves ----------------------------------------------------------------
-    curves_dir = store.path("curves")
-    if store.done("curves"):
-        curves = {p.relative_to(curves_dir).with_suffix("").as_posix(): Result.load(p)
-                  for p in sorted(curves_dir.rglob("*.safetensors"))}
-    else:
-        t0 = time.time()
-        curves = step_curves(model, analysis, cfg, directions, neurons, heads, dmu_mlp, dmu_attn, progress=progress)
-        for k, r in curves.items():
-            r.save(curves_dir / k)
-        store.mark("curves", time.time() - t0)
+def scores_step(ctx: Context) -> dict:
+    """4a/4b. Neuron and head scores per emotion."""
+    neurons, heads = step_component_scores(ctx.model, ctx.load("stats"), ctx.load("directions"), ctx.config,
+                                           analysis_items(ctx.config), progress=ctx.progress)
+    return {"neuron_scores": neurons, "head_scores": heads}
 
-    # -- step 6: sublayer influence -----------------------------------------------------
-    if store.done("influence"):
-        influence = Result.load(store.path("influence"))
-    else:
-        t0 = time.time()
-        influence = step_influence(model, analysis, cfg, directions, sig, accepted, progress=progress)
-        influence.save(store.path("influence"))
-        store.mark("influence", time.time() - t0)
 
-    # -- step 7: circuits -----------------------------------------------------------------
-    circ_dir = store.path("circuits")
-    if store.done("circuits"):
-        circuits = {e: Circuit.load(circ_dir / f"{e}.json", model=model) for e in cfg.emotions}
-    else:
-        t0 = time.time()
-        circuits = step_circuits(model, cfg, influence, neurons, heads)
-        for e, c in circuits.items():
-            c.save(circ_dir / f"{e}.json")
-        store.mark("circuits", time.time() - t0)
+def curves_step(ctx: Context) -> dict:
+    """4c. Ablation / enhancement curves, top-k vs random-k."""
+    return {"curves": step_curves(ctx.model, analysis_items(ctx.config), ctx.config, ctx.load("directions"),
+                                  ctx.load("neuron_scores"), ctx.load("head_scores"), ctx.load("dmu_mlp"),
+                                  ctx.load("dmu_attn"), progress=ctx.progress)}
 
-    # -- calibration (optional; analysis split) -----------------------------------------
-    calib_table = None
-    if cfg.calibrate:
-        if store.done("calibrate"):
-            calib_table = store.load_df("calibrate")
-            chosen = json.loads(store.path("calibrate_chosen.json").read_text())
+
+def influence_step(ctx: Context) -> dict:
+    """6. Sublayer causal influence."""
+    acc = _accepted(ctx)
+    cfg = dataclasses.replace(ctx.config, accept_filter=acc is not None)
+    return {"influence": step_influence(ctx.model, analysis_items(cfg), cfg, ctx.load("directions"),
+                                        ctx.load("sigma"), acc, progress=ctx.progress)}
+
+
+def circuits_step(ctx: Context) -> dict:
+    """7. One global circuit per emotion."""
+    return {"circuits": step_circuits(ctx.model, ctx.config, ctx.load("influence"), ctx.load("neuron_scores"),
+                                      ctx.load("head_scores"))}
+
+
+def _calibrate(kind: str):
+    key, method, grid_name = {"steer": ("steer_alpha", "steering", "calib_alphas"),
+                              "circuit": ("circuit_scale", "circuit", "calib_scales")}[kind]
+
+    def fn(ctx: Context) -> dict:
+        cfg = ctx.config
+        grid = tuple(getattr(cfg, grid_name))
+        if getattr(cfg, key) is not None:
+            v = float(getattr(cfg, key))
+            return {f"{kind}_calibration": {key: v, "why": f"{key} = {v:g} was passed in the configuration (no "
+                                                        "sweep)."}}
+        items = _items(cfg, "analysis", 1, cfg.calib_records)
+        table, chosen = step_calibrate(
+            ctx.model, items, cfg, ctx.extras["judge"],
+            directions=ctx.load("directions") if kind == "steer" else None,
+            circuits=ctx.load("circuits") if kind == "circuit" else None,
+            dmu_mlp=ctx.load("dmu_mlp"), dmu_attn=ctx.load("dmu_attn"), progress=ctx.progress)
+        rows = table[table["method"] == method]
+        base = table[table["method"] == "none"].iloc[0]
+        if key in chosen:
+            r = rows[rows["value"] == chosen[key]].iloc[0]
+            v = float(chosen[key])
+            why = (f"calibrated: {key} = {v:g} has the best judge accuracy ({100 * r['accuracy']:.1f}% vs "
+                   f"{100 * base['accuracy']:.1f}% unsteered) among the grid values {list(grid)} whose replies stay "
+                   f"fluent (perplexity under the unsteered model {r['ppl']:.2f} <= {cfg.calib_max_ppl_ratio:g} x "
+                   f"{base['ppl']:.2f}, distinct-2 {r['distinct2']:.2f} >= {cfg.calib_min_distinct2:g}) on "
+                   f"{len(items)} analysis items.")
         else:
-            t0 = time.time()
-            cal_items = _items(cfg, "analysis", 1, cfg.calib_records)
-            calib_table, chosen = step_calibrate(model, cal_items, cfg, judge(), directions=directions,
-                                                 circuits=circuits, dmu_mlp=dmu_mlp, dmu_attn=dmu_attn,
-                                                 progress=progress)
-            store.save_df("calibrate", calib_table)
-            store.path("calibrate_chosen.json").write_text(json.dumps(chosen))
-            store.mark("calibrate", time.time() - t0, **chosen)
-        cfg = cfg.replace(**chosen)
+            v = float(min(grid))
+            why = (f"calibrated: no value of {list(grid)} kept the replies fluent (perplexity <= "
+                   f"{cfg.calib_max_ppl_ratio:g} x unsteered, distinct-2 >= {cfg.calib_min_distinct2:g}); using the "
+                   f"smallest, {v:g}.")
+        return {f"{kind}_calibration": {key: v, "why": why}, f"{kind}_calibration_table": table}
 
-    # -- evaluation on the test split: prompting, steering, circuit -----------------------
-    evals: dict[str, GenEval] = {}
-    ps_emo = emo_prompts(test, cfg.emotions, cfg.system_emo)
-    ps_neu = neu_prompts(test, cfg.emotions, cfg.system_neu)
-    from ..circuits.modulation import modulation_interventions
+    fn.__name__ = f"calibrate_{kind}_step"
+    fn.__doc__ = (f"The {method} strength ({key}): the configured value when given, else a sweep over {grid_name} "
+                  "on ``calib_records`` analysis records, picked by judge accuracy under the fluency guard "
+                  "(:func:`step_calibrate`); records the value and why.")
+    return fn
+
+
+calibrate_steer_step = _calibrate("steer")
+calibrate_circuit_step = _calibrate("circuit")
+
+
+def eval_prompting_texts_step(ctx: Context) -> dict:
+    """8a. Prompting baseline on the test split: P_emo, no intervention (replies only)."""
+    from ..circuits.prompts import emo_prompts
+
+    cfg = ctx.config
+    ps = emo_prompts(test_items(cfg), cfg.emotions, cfg.system_emo)
+    return {"eval_prompting_texts": _gen_texts(ctx, ps, "prompt", None, "prompting: generate")}
+
+
+def eval_steering_texts_step(ctx: Context) -> dict:
+    """8b. Steering on the test split: P_neu + alpha x RMS x v_mlp at the steering layers (replies only)."""
+    from ..circuits.prompts import neu_prompts
     from ..circuits.steer import steering_interventions
 
-    steer_layers = cfg.layers(cfg.steer_layers_frac, L)
+    cfg = _strengths(ctx)
+    ps = neu_prompts(test_items(cfg), cfg.emotions, cfg.system_neu)
+    layers = cfg.layers(cfg.steer_layers_frac, ctx.model.n_layers)
+    d = ctx.load("directions")
+    return {"eval_steering_texts": _gen_texts(
+        ctx, ps, "steer", lambda e: steering_interventions(ctx.model, d, e, layers, cfg.steer_alpha,
+                                                          sublayer=cfg.steer_sublayer), "steering: generate")}
 
-    def two_phase(name, method, ps, ivs_for, kind):
-        def gen():
-            texts = generate_replies(model, ps.prompts, ps.emotions, interventions_for=ivs_for,
-                                     gen_kwargs=_gen_kwargs(cfg, kind), batch_size=cfg.gen_batch_size,
-                                     progress=progress, desc=f"{method}: generate")
-            store.save_df(f"{name}_texts", pd.DataFrame({"text": texts}))
-            return GenEval(method, _judge_frame(judge(), ps, texts))
-        return _gen_step(store, name, method, gen, lambda t: GenEval(method, _judge_frame(judge(), ps, t)))
 
-    evals["prompting"] = two_phase("eval_prompting", "prompting", ps_emo, None, "prompt")
-    evals["steering"] = two_phase("eval_steering", "steering", ps_neu,
-                                  lambda e: steering_interventions(model, directions, e, steer_layers, cfg.steer_alpha,
-                                                                   sublayer=cfg.steer_sublayer), "steer")
-    evals["circuit"] = two_phase("eval_circuit", "circuit", ps_neu,
-                                 lambda e: modulation_interventions(model, circuits[e], dmu_mlp, dmu_attn,
-                                                                    cfg.scale_for(e)), "circuit")
+def eval_circuit_texts_step(ctx: Context) -> dict:
+    """8c. Circuit modulation on the test split (replies only)."""
+    from ..circuits.modulation import modulation_interventions
+    from ..circuits.prompts import neu_prompts
 
-    # -- example replies: one input under all six emotions -------------------------------
-    if store.done("examples"):
-        examples = store.load_df("examples")
-    else:
-        t0 = time.time()
-        recs = _items(cfg, "test", None)
-        ex_items = [it for it in recs if it.valence == cfg.example_valence] or recs
-        item = ex_items[min(cfg.example_record, len(ex_items) - 1)]
-        rows = []
-        one_emo = emo_prompts([item], cfg.emotions, cfg.system_emo)
-        one_neu = neu_prompts([item], cfg.emotions, cfg.system_neu)
-        base = generate_replies(model, [one_neu.prompts[0]], [None], gen_kwargs=_gen_kwargs(cfg, "circuit"))[0]
-        p = generate_replies(model, one_emo.prompts, one_emo.emotions, gen_kwargs=_gen_kwargs(cfg, "prompt"))
-        s = generate_replies(model, one_neu.prompts, one_neu.emotions, gen_kwargs=_gen_kwargs(cfg, "steer"),
-                             interventions_for=lambda e: steering_interventions(model, directions, e, steer_layers,
-                                                                                cfg.steer_alpha,
-                                                                                sublayer=cfg.steer_sublayer))
-        c = generate_replies(model, one_neu.prompts, one_neu.emotions, gen_kwargs=_gen_kwargs(cfg, "circuit"),
-                             interventions_for=lambda e: modulation_interventions(model, circuits[e], dmu_mlp,
-                                                                                  dmu_attn, cfg.scale_for(e)))
-        for i, e in enumerate(cfg.emotions):
-            rows.append({"emotion": e, "prompting": p[i], "steering": s[i], "circuit": c[i]})
-        examples = pd.DataFrame(rows)
-        examples.attrs["input"] = item.user
-        store.save_df("examples", examples)
-        store.path("examples_input.json").write_text(json.dumps({"input": item.user, "unsteered": base}))
-        store.mark("examples", time.time() - t0)
-    ex_info = json.loads(store.path("examples_input.json").read_text())
+    cfg = _strengths(ctx)
+    ps = neu_prompts(test_items(cfg), cfg.emotions, cfg.system_neu)
+    circuits, dm, da = ctx.load("circuits"), ctx.load("dmu_mlp"), ctx.load("dmu_attn")
+    return {"eval_circuit_texts": _gen_texts(
+        ctx, ps, "circuit", lambda e: modulation_interventions(ctx.model, circuits[e], dm, da, cfg.scale_for(e)),
+        "circuit modulation: generate")}
 
-    total = time.time() - t_run
-    return _sections(model, cfg, store, quick, analysis, test, stats, directions, sig, neurons, heads, curves,
-                     influence, circuits, evals, elicit_ev, examples, ex_info, calib_table, total)
+
+def _judge_step(method: str, emo: bool):
+    def fn(ctx: Context) -> dict:
+        from ..circuits.prompts import emo_prompts, neu_prompts
+
+        cfg = ctx.config
+        ps = (emo_prompts(test_items(cfg), cfg.emotions, cfg.system_emo) if emo
+              else neu_prompts(test_items(cfg), cfg.emotions, cfg.system_neu))
+        return {f"eval_{method}": _judged(ctx, ps, f"eval_{method}_texts", method)}
+
+    fn.__name__ = f"eval_{method}_step"
+    fn.__doc__ = f"Judge the {method} replies (a judge failure keeps the replies: the resume only re-judges)."
+    return fn
+
+
+eval_prompting_step = _judge_step("prompting", True)
+eval_steering_step = _judge_step("steering", False)
+eval_circuit_step = _judge_step("circuit", False)
+
+
+def examples_step(ctx: Context) -> dict:
+    """One test input under every emotion with all three methods, and its unsteered reply."""
+    from ..circuits.modulation import modulation_interventions
+    from ..circuits.prompts import emo_prompts, neu_prompts
+    from ..circuits.steer import steering_interventions
+
+    model = ctx.model
+    cfg = _strengths(ctx)
+    directions, circuits = ctx.load("directions"), ctx.load("circuits")
+    dmu_mlp, dmu_attn = ctx.load("dmu_mlp"), ctx.load("dmu_attn")
+    steer_layers = cfg.layers(cfg.steer_layers_frac, model.n_layers)
+    recs = test_items(cfg, all_records=True)
+    ex_items = [it for it in recs if it.valence == cfg.example_valence] or recs
+    item = ex_items[min(cfg.example_record, len(ex_items) - 1)]
+    one_emo = emo_prompts([item], cfg.emotions, cfg.system_emo)
+    one_neu = neu_prompts([item], cfg.emotions, cfg.system_neu)
+    base = generate_replies(model, [one_neu.prompts[0]], [None], gen_kwargs=_gen_kwargs(cfg, "circuit"))[0]
+    p = generate_replies(model, one_emo.prompts, one_emo.emotions, gen_kwargs=_gen_kwargs(cfg, "prompt"))
+    s = generate_replies(model, one_neu.prompts, one_neu.emotions, gen_kwargs=_gen_kwargs(cfg, "steer"),
+                         interventions_for=lambda e: steering_interventions(model, directions, e, steer_layers,
+                                                                            cfg.steer_alpha,
+                                                                            sublayer=cfg.steer_sublayer))
+    c = generate_replies(model, one_neu.prompts, one_neu.emotions, gen_kwargs=_gen_kwargs(cfg, "circuit"),
+                         interventions_for=lambda e: modulation_interventions(model, circuits[e], dmu_mlp,
+                                                                              dmu_attn, cfg.scale_for(e)))
+    rows = [{"emotion": e, "prompting": p[i], "steering": s[i], "circuit": c[i]} for i, e in enumerate(cfg.emotions)]
+    return {"examples": pd.DataFrame(rows), "examples_input": {"input": item.user, "unsteered": base}}
 
 
 # =========================================================================================
@@ -867,68 +926,79 @@ def _mean_curve(results: list[Result], name: str) -> Result:
     return Result("curve", s, r0.axes, r0.labels, {"ci_low": lo, "ci_high": hi}, dict(r0.meta, name=name))
 
 
-def _sections(model, cfg, store, quick, analysis, test, stats, directions, sig, neurons, heads, curves, influence,
-              circuits, evals, elicit_ev, examples, ex_info, calib_table, total) -> list[Section]:
-    from .. import viz
-    from ..circuits.assembly import circuit_overlap
-    from ..circuits.directions import direction_cosines
 
-    L = model.n_layers
-    secs: list[Section] = []
-    # -- overview --------------------------------------------------------------------------
+
+# =========================================================================================
+# Report sections (one per step)
+# =========================================================================================
+def _overview_section(ctx: Context) -> Section:
+    cfg, model = ctx.config, ctx.model
+    analysis, test = analysis_items(cfg), test_items(cfg)
+    acc = ctx.load("acceptance")
     s = Section("Paper 2: emotion circuits (overview and settings)")
     s.add_text(
         "Re-implementation of 'Do LLMs Feel? Emotion Circuits Discovery and Control' (Wang et al., 2025) on "
-        f"{model.name}: SEV-format scenario-event prompts (project-written data), six emotions, reads and injections "
-        "at t* (the last token of the templated prompt).",
+        f"{model.name}: SEV-format scenario-event prompts, six emotions, reads and injections at t* (the last token "
+        "of the templated prompt).",
+        f"Data: analysis split {cfg.analysis_data or 'packaged (project-written)'}, test split "
+        f"{cfg.test_data or 'packaged (project-written)'}.",
         f"Analysis split: {len(analysis)} scenario-event items x {len(cfg.emotions)} emotions = "
         f"{len(analysis) * len(cfg.emotions)} P_emo prompts; test split: {len(test)} items x {len(cfg.emotions)} = "
-        f"{len(test) * len(cfg.emotions)} generations per method." + (" Quick mode." if quick else ""),
+        f"{len(test) * len(cfg.emotions)} generations per method." + (" Quick mode." if ctx.extras.get("quick") else ""),
         f"Judge: {cfg.judge} ({'the project-owned MiniLM linear probe' if cfg.judge == 'probe' else cfg.judge}); "
         "numbers are not comparable with the paper's GPT-4o-mini judge.",
-        "Acceptance filter: " + ("on (paper)." if cfg.accept_filter else
-                                 "off (calibrated: the model does not follow 'Always reply in {emotion}', so the "
-                                 "filter would leave almost no complete context groups)."),
+        f"Acceptance filter: {'on' if acc['use_filter'] else 'off'} — {acc['reason']}",
         *[str(n) for n in cfg.notes])
     paper = Paper2Config.paper().to_dict()
     rows = [{"setting": k, "value": json.dumps(v), "paper": json.dumps(paper.get(k))}
             for k, v in cfg.to_dict().items() if v != paper.get(k) and k != "notes"]
     if rows:
-        s.add_table("Settings that differ from the paper's values (calibrated or CPU-sized)", pd.DataFrame(rows))
-    times = {p.stem: json.loads(p.read_text()).get("seconds") for p in sorted((store.root / "steps").glob("*.json"))}
-    s.add_table("Step runtimes (seconds; steps reused from an earlier run keep their original time)",
-                pd.DataFrame([{"step": k, "seconds": v} for k, v in times.items()] +
-                             [{"step": "total (this call)", "seconds": round(total, 1)}]))
-    secs.append(s)
-    # -- elicitation -----------------------------------------------------------------------
-    if elicit_ev is not None:
-        s = Section("Step 1: emotion elicitation (analysis split)")
-        s.add_text(f"Judge acceptance of P_emo replies: {100 * elicit_ev.accuracy:.1f}% (paper on SEV: 98.85%). "
-                   f"Complete context groups (all emotions accepted): {stats.n_groups}.")
-        emo, val = accuracy_tables({"prompting (analysis)": elicit_ev})
-        s.add_table("Acceptance per emotion (%)", emo).add_table("Acceptance per valence (%)", val)
-        s.results["elicitation"] = elicit_ev.result(model.name)
-        secs.append(s)
-    # -- directions --------------------------------------------------------------------------
+        s.add_table("Settings that differ from the paper's values (None = decided in the run; sizes for the budget)",
+                    pd.DataFrame(rows))
+    s.add_table("Steps in this call (computed or reused from the run folder, and why; reused steps show the time "
+                "of the run that computed them)", log_table(ctx))
+    return s
+
+
+def _elicit_section(ctx: Context) -> Section | None:
+    if not ctx.has("elicit"):
+        return None
+    ev = GenEval("prompting (analysis)", ctx.load("elicit"))
+    acc = ctx.load("acceptance")
+    s = Section("Step 1: emotion elicitation (analysis split)")
+    s.add_text(f"Judge acceptance of P_emo replies: {100 * ev.accuracy:.1f}% (paper on SEV: 98.85%). Complete context "
+               f"groups (all emotions accepted): {acc.get('n_complete')} of {acc.get('n_groups')}.", acc["reason"])
+    emo, val = accuracy_tables({"prompting (analysis)": ev})
+    s.add_table("Acceptance per emotion (%)", emo).add_table("Acceptance per valence (%)", val)
+    s.results["elicitation"] = ev.result(ctx.model.name)
+    return s
+
+
+def _directions_section(ctx: Context) -> Section:
+    from .. import viz
+    from ..circuits.directions import direction_cosines
+
+    cfg, model = ctx.config, ctx.model
+    L = model.n_layers
+    stats, directions, sig = ctx.load("stats"), ctx.load("directions"), ctx.load("sigma")
     s = Section("Step 2: context-agnostic emotion directions")
     s.add_text(f"Directions from {stats.n_groups} complete context groups (skeleton x valence): group mean over "
                "emotions subtracted, averaged per emotion, L2-normalised; attention state = resid_mid, MLP state = "
                "resid_post" + (" (last layer after the final norm)." if cfg.final_norm else "."))
     for l, pts in sorted(stats.pca.items()):
-        s.add_figure(f"PCA of the last-token residual (resid_post) at layer {l} of {L}, coloured by the requested "
-                     "emotion", viz.pca_scatter(pts, stats.pca_emotions, title=f"Layer {l}: t* representations"))
+        s.figure(f"PCA of the last-token residual (resid_post) at layer {l} of {L}, coloured by the requested emotion",
+                 viz.pca_scatter, pts, stats.pca_emotions, title=f"Layer {l}: t* representations")
     cos = direction_cosines(directions, cfg.emotions[0])
-    s.add_figure(f"{2 * L} x {2 * L} cosine similarity of the {cfg.emotions[0]} directions (A = attention, M = MLP "
-                 "state, interleaved by layer)", viz.cosine_heatmap(cos, title=f"Direction similarity: "
-                                                                       f"{cfg.emotions[0]}"))
+    s.figure(f"{2 * L} x {2 * L} cosine similarity of the {cfg.emotions[0]} directions (A = attention, M = MLP "
+             "state, interleaved by layer)", viz.cosine_heatmap, cos, title=f"Direction similarity: {cfg.emotions[0]}")
     late = min(L - 2, int(round(0.79 * L)))
     v = directions.scores[:, late, 1]
     cm = Result("matrix", v @ v.T, ("row", "col"), {"row": list(cfg.emotions), "col": list(cfg.emotions)}, {},
                 {"metric": "cosine", "model": model.name})
-    s.add_figure(f"Cross-emotion cosine of the MLP-state directions at layer {late}", viz.cosine_heatmap(
-        cm, title=f"Cross-emotion cosine, MLP state, layer {late}"))
+    s.figure(f"Cross-emotion cosine of the MLP-state directions at layer {late}", viz.cosine_heatmap, cm,
+             title=f"Cross-emotion cosine, MLP state, layer {late}")
     adj = []
-    for i, e in enumerate(cfg.emotions):
+    for e in cfg.emotions:
         c = direction_cosines(directions, e).scores
         within = torch.tensor([float(c[2 * l, 2 * l + 1]) for l in range(L)])
         between = torch.tensor([float(c[2 * l + 1, 2 * l + 2]) for l in range(L - 1)])
@@ -938,8 +1008,14 @@ def _sections(model, cfg, store, quick, analysis, test, stats, directions, sig, 
     s.add_table("Mean adjacent cosines (paper, Llama-3.2-3B: within 0.76-0.78, between 0.80-0.82, off-diagonal "
                 "0.23-0.25)", pd.DataFrame(adj).round(3))
     s.results.update(directions=directions, sigma=sig)
-    secs.append(s)
-    # -- components ----------------------------------------------------------------------------
+    return s
+
+
+def _components_section(ctx: Context) -> Section:
+    from .. import viz
+
+    cfg, model = ctx.config, ctx.model
+    neurons, heads, curves = ctx.load("neuron_scores"), ctx.load("head_scores"), ctx.load("curves")
     s = Section("Step 4: local components (neurons and heads) and their ablation / enhancement")
     s.add_text("Neurons are scored analytically (activation x projection of the neuron's output weights on the "
                "layer's MLP direction: C_mean); heads in closed form from one cached pass (the drop of resid_mid . "
@@ -949,10 +1025,10 @@ def _sections(model, cfg, store, quick, analysis, test, stats, directions, sig, 
                "components of one layer, vs k random components of the same layer outside the top-k; the emotion "
                "score is the projection of that layer's state at t* on its direction, under P_emo prompts of the "
                "emotion. Head k stays <= n_heads/2 so random draws exist outside the top-k.")
-    s.add_figure("Head scores per emotion (mean drop of resid_mid . v_attn)", viz.heads_heatmap(heads))
+    s.figure("Head scores per emotion (mean drop of resid_mid . v_attn)", viz.heads_heatmap, heads)
     e0 = cfg.emotions[0]
-    s.add_figure(f"Top neurons per layer for {e0} (C_mean)",
-                 viz.neurons_heatmap(_emotion_slice(neurons, e0), top_k=min(32, model.d_mlp)))
+    s.figure(f"Top neurons per layer for {e0} (C_mean)", viz.neurons_heatmap, _emotion_slice(neurons, e0),
+             top_k=min(32, model.d_mlp))
     summ = _curve_summary(curves, model.n_heads)
     for mode in ("ablate", "enhance"):
         for kind in ("neuron", "head"):
@@ -965,10 +1041,9 @@ def _sections(model, cfg, store, quick, analysis, test, stats, directions, sig, 
             series["random-k (mean of emotions)"] = _mean_curve(
                 [curves[f"{mode}/{kind}/{layer}/{e}/random"] for e in cfg.emotions
                  if f"{mode}/{kind}/{layer}/{e}/random" in curves], "random")
-            s.add_figure(f"{'Ablation' if mode == 'ablate' else 'Enhancement'} of {kind}s at layer {layer[1:]}: "
-                         "change of the emotion score vs k (95% bootstrap CIs)",
-                         viz.curves(series, title=f"{mode} {kind}s, layer {layer[1:]}", x_title="k",
-                                    y_title="change of projection on v_e"))
+            s.figure(f"{'Ablation' if mode == 'ablate' else 'Enhancement'} of {kind}s at layer {layer[1:]}: "
+                     "change of the emotion score vs k (95% bootstrap CIs)", viz.curves, series,
+                     title=f"{mode} {kind}s, layer {layer[1:]}", x_title="k", y_title="change of projection on v_e")
     if len(summ):
         s.add_table("Median ratio |change top-k| / |change random-k| over emotions and layers (paper: random ~ "
                     "no effect; acceptance: >= 3 for some k <= 10)", curve_ratio_table(summ).round(2))
@@ -981,17 +1056,31 @@ def _sections(model, cfg, store, quick, analysis, test, stats, directions, sig, 
         s.add_table("Summary over emotions and layers at the largest k", agg.round(4))
         s.add_table("Top-k vs random-k per emotion and layer at the largest k", at_max.round(4))
     s.results.update(neuron_scores=neurons, head_scores=heads)
-    secs.append(s)
-    # -- influence -----------------------------------------------------------------------------
+    return s
+
+
+def _influence_section(ctx: Context) -> Section:
+    from .. import viz
+
+    cfg = ctx.config
+    influence, sig = ctx.load("influence"), ctx.load("sigma")
     s = Section("Step 6: sublayer causal influence")
     s.add_text(f"sigma-scaled pulses (alpha in {list(cfg.influence_alphas)}) along the sign-aligned local direction, "
                "injected into each sublayer's output at t* under P_neu; I = change of the final state's projection on "
-               f"v_ref per unit dose (v_ref from layers {cfg.layers(cfg.ref_layers_frac, L)}).")
-    s.add_figure("Sublayer influence per emotion", viz.sublayer_influence(influence))
-    s.add_figure("sigma: mean RMS of each sublayer state at t*", viz.sublayer_influence(sig, title="sigma per layer"))
+               f"v_ref per unit dose (v_ref from layers {cfg.layers(cfg.ref_layers_frac, ctx.model.n_layers)}).")
+    s.figure("Sublayer influence per emotion", viz.sublayer_influence, influence)
+    s.figure("sigma: mean RMS of each sublayer state at t*", viz.sublayer_influence, sig, title="sigma per layer")
     s.results["influence"] = influence
-    secs.append(s)
-    # -- circuits ------------------------------------------------------------------------------
+    return s
+
+
+def _circuits_section(ctx: Context) -> Section:
+    from .. import viz
+    from ..circuits.assembly import circuit_overlap
+
+    cfg = ctx.config
+    circuits = ctx.load("circuits")
+    circuits = {e: circuits[e] for e in cfg.emotions}
     s = Section("Step 7: global emotion circuits")
     c0 = next(iter(circuits.values()))
     s.add_text(f"Budget {c0.alloc.get('K_total')} components per emotion ({c0.alloc.get('K_mlp')} neurons + "
@@ -999,35 +1088,144 @@ def _sections(model, cfg, store, quick, analysis, test, stats, directions, sig, 
                f"{c0.alloc.get('min_mlp')} neurons / {c0.alloc.get('min_attn')} heads per layer, per-layer cap "
                f"{cfg.cap_ratio} of each kind's budget, allocated by positive sublayer influence.")
     alloc = stack_results([c.allocation() for c in circuits.values()], "emotion", list(circuits))
-    s.add_figure("Circuit allocation per layer", viz.circuit_allocation(alloc))
+    s.figure("Circuit allocation per layer", viz.circuit_allocation, alloc)
     on, oh = circuit_overlap(list(circuits.values()))
     off = ~torch.eye(len(circuits), dtype=torch.bool)
     s.add_text(f"Mean pairwise Jaccard overlap: neurons {float(on.scores[off].mean()):.3f}, heads "
                f"{float(oh.scores[off].mean()):.3f} (paper: 0.056 and 0.454).")
-    s.add_figure("Neuron overlap between emotion circuits (Jaccard)", viz.cosine_heatmap(on, title="Neuron overlap"))
-    s.add_figure("Head overlap between emotion circuits (Jaccard)", viz.cosine_heatmap(oh, title="Head overlap"))
+    s.figure("Neuron overlap between emotion circuits (Jaccard)", viz.cosine_heatmap, on, title="Neuron overlap")
+    s.figure("Head overlap between emotion circuits (Jaccard)", viz.cosine_heatmap, oh, title="Head overlap")
     s.results["circuit_allocation"] = alloc
-    secs.append(s)
-    # -- control ---------------------------------------------------------------------------
+    return s
+
+
+def _calibration_section(ctx: Context) -> Section:
+    cfg = _strengths(ctx)
+    s = Section("Calibration: steering and circuit strengths for this model")
+    s.add_text(f"Steering alpha = {cfg.steer_alpha:g} (paper: 8), circuit scale = {cfg.circuit_scale:g} (paper: 1). "
+               "How each was chosen:", "steer_alpha: " + ctx.load("steer_calibration")["why"],
+               "circuit_scale: " + ctx.load("circuit_calibration")["why"])
+    for kind in ("steer", "circuit"):
+        if ctx.has(f"{kind}_calibration_table"):
+            s.add_table(f"{'Steering' if kind == 'steer' else 'Circuit'} calibration sweep on the analysis split "
+                        "(judge accuracy, perplexity of the replies under the unsteered model, distinct-2; fluent = "
+                        "passes the guard)", ctx.load(f"{kind}_calibration_table").round(4))
+    return s
+
+
+def _control_section(ctx: Context) -> Section:
+    cfg = _strengths(ctx)
+    evals = {m: GenEval(m, ctx.load(f"eval_{m}")) for m in ("prompting", "steering", "circuit")}
+    examples, ex_info = ctx.load("examples"), ctx.load("examples_input")
     s = Section("Step 8: emotion control - prompting vs steering vs circuit modulation")
     emo_t, val_t = accuracy_tables(evals)
-    sl = cfg.layers(cfg.steer_layers_frac, L)
+    sl = cfg.layers(cfg.steer_layers_frac, ctx.model.n_layers)
     s.add_text(f"Test split, judge = {cfg.judge}. Prompting: P_emo, no intervention. Steering: P_neu + "
                f"{cfg.steer_alpha:g} x RMS x v_mlp at resid_post of layers {sl[0]}-{sl[-1]} (t* and every generated "
                f"token). Circuit: P_neu + scale x dmu_e into the circuit's neurons (t* and generated tokens) and heads "
                f"(every position), scale {cfg.circuit_scale:g}" +
-               (f" (overrides {cfg.scale_overrides})" if cfg.scale_overrides else "") + ".",
+               (f" (overrides {cfg.scale_overrides})" if cfg.scale_overrides else "") + " (strengths: see the "
+               "calibration section).",
                "Paper (Llama-3.2-3B, GPT-4o-mini judge): prompting 98.96%, steering 91.22%, circuit 99.65%.")
     s.add_table("Accuracy per emotion (%)", emo_t).add_table("Accuracy per valence (%)", val_t)
     for name, ev in evals.items():
-        s.results[f"accuracy_{name}"] = ev.result(model.name)
-    if calib_table is not None:
-        s.add_table("Calibration sweep on the analysis split (accuracy, perplexity under the unsteered model, "
-                    "distinct-2)", calib_table.round(4))
+        s.results[f"accuracy_{name}"] = ev.result(ctx.model.name)
     s.add_text(f"Example input: {ex_info['input']!r}", f"Unsteered reply (P_neu): {ex_info['unsteered']!r}")
     s.add_table("Example replies for one input under all six emotions", examples)
-    secs.append(s)
-    return secs
+    return s
+
+
+_ANALYSIS = ("analysis_columns", "analysis_per_theme", "analysis_max_records", "emotions", "valences")
+_TEST = ("test_columns", "test_per_theme", "test_max_records", "emotions", "valences")
+_JUDGE = ("judge", "judge_model")  # judge_url is where, not what: a moved server keeps the verdicts
+_GEN = {k: tuple(f"{k}_{x}" for x in ("max_new_tokens", "min_new_tokens", "repetition_penalty", "no_repeat_ngram"))
+        + ("gen_batch_size",) for k in ("prompt", "steer", "circuit")}
+_STEER = ("steer_layers_frac", "steer_sublayer")
+_CIRCUIT = ("scale_overrides",)
+
+#: The paper-2 pipeline: public steps on the engine (:mod:`emolens.pipelines.engine`).
+STEPS: tuple[Step, ...] = (
+    Step("elicit_texts", elicit_texts_step, config=_ANALYSIS + ("accept_filter", "system_emo") + _GEN["prompt"],
+         data=("analysis_data",)),
+    Step("elicit", elicit_step, inputs=("elicit_texts",),
+         config=_ANALYSIS + ("accept_filter", "accept_min_fraction", "system_emo") + _JUDGE,
+         data=("analysis_data", "judge_train"), section=_elicit_section),
+    Step("stats", stats_step, inputs=("elicit",),
+         config=_ANALYSIS + ("system_emo", "final_norm", "head_moments", "batch_size", "pca_layers_frac"),
+         data=("analysis_data",), section=_directions_section),
+    Step("scores", scores_step, inputs=("stats",), config=_ANALYSIS + ("system_emo", "batch_size"),
+         data=("analysis_data",)),
+    Step("curves", curves_step, inputs=("stats", "scores"),
+         config=_ANALYSIS + ("system_emo", "curve_layers_frac", "curve_ks", "curve_n_random", "curve_samples",
+                             "enhance_scale", "seed", "final_norm"),
+         data=("analysis_data",), section=_components_section),
+    Step("influence", influence_step, inputs=("elicit", "stats"),
+         config=_ANALYSIS + ("system_neu", "influence_alphas", "ref_layers_frac", "influence_samples", "seed",
+                             "final_norm"),
+         data=("analysis_data",), section=_influence_section),
+    Step("circuits", circuits_step, inputs=("influence", "scores"),
+         config=("emotions", "budget_per_sublayer", "mlp_ratio", "min_neurons", "min_heads", "cap_ratio"),
+         section=_circuits_section),
+    Step("eval_prompting_texts", eval_prompting_texts_step, config=_TEST + ("system_emo",) + _GEN["prompt"],
+         data=("test_data",)),
+    Step("calibrate_steer", calibrate_steer_step, inputs=("stats",),
+         config=_ANALYSIS + ("system_neu", "steer_alpha", "calib_alphas", "calib_records", "calib_max_ppl_ratio",
+                             "calib_min_distinct2") + _STEER + _GEN["steer"] + _GEN["circuit"] + _JUDGE,
+         data=("analysis_data", "judge_train")),
+    Step("calibrate_circuit", calibrate_circuit_step, inputs=("stats", "circuits"),
+         config=_ANALYSIS + ("system_neu", "circuit_scale", "calib_scales", "calib_records", "calib_max_ppl_ratio",
+                             "calib_min_distinct2") + _CIRCUIT + _GEN["circuit"] + _JUDGE,
+         data=("analysis_data", "judge_train"), section=_calibration_section),
+    Step("eval_steering_texts", eval_steering_texts_step, inputs=("stats", "calibrate_steer"),
+         config=_TEST + ("system_neu",) + _STEER + _GEN["steer"], data=("test_data",)),
+    Step("eval_circuit_texts", eval_circuit_texts_step, inputs=("stats", "circuits", "calibrate_circuit"),
+         config=_TEST + ("system_neu",) + _CIRCUIT + _GEN["circuit"], data=("test_data",)),
+    Step("eval_prompting", eval_prompting_step, inputs=("eval_prompting_texts",),
+         config=_TEST + ("system_emo",) + _JUDGE, data=("test_data", "judge_train")),
+    Step("eval_steering", eval_steering_step, inputs=("eval_steering_texts",),
+         config=_TEST + ("system_neu",) + _JUDGE, data=("test_data", "judge_train")),
+    Step("eval_circuit", eval_circuit_step, inputs=("eval_circuit_texts",),
+         config=_TEST + ("system_neu",) + _JUDGE, data=("test_data", "judge_train")),
+    Step("examples", examples_step, inputs=("stats", "circuits", "calibrate_steer", "calibrate_circuit"),
+         config=("emotions", "valences", "test_columns", "system_emo", "system_neu", "example_record",
+                 "example_valence") + _STEER + _CIRCUIT + _GEN["prompt"] + _GEN["steer"] + _GEN["circuit"],
+         data=("test_data",), section=_control_section),
+)
+
+
+def run(model, out_dir, *, quick: bool = False, progress: bool = True, config: Paper2Config | None = None,
+        resume: bool = True, on_step=None) -> list[Section]:
+    """Run paper 2 end to end on ``model``; save raw results into ``out_dir/paper2``; return report sections.
+
+    Args:
+        model: an :class:`~emolens.model.EmoModel`.
+        out_dir: run folder (raw results go to ``out_dir/paper2/``).
+        quick: smaller data and fewer tokens (:meth:`Paper2Config.quick`).
+        config: hyperparameters and data (default :meth:`Paper2Config.for_model`).
+        resume: reuse steps of an earlier run whose fingerprint (config fields, model, data, inputs) still
+            matches; the others, and everything downstream of them, recompute.
+        on_step: called with each step's :class:`~emolens.pipelines.engine.StepLog`.
+
+    Raises:
+        JudgeError: the judge failed (e.g. an unreachable endpoint); finished steps (and generated
+            replies) stay on disk, and a rerun with the same ``out_dir`` resumes (only re-judging).
+    """
+    cfg = config if config is not None else Paper2Config.for_model(model)
+    if quick:
+        cfg = cfg.quick()
+    cfg.check()
+    judge = make_judge(cfg)  # bad judge settings fail here, before any work (it connects only when used)
+    check_data(cfg)
+    root = Path(out_dir) / "paper2"
+    try:
+        ctx = run_steps(STEPS, model, cfg, root, progress=progress, resume=resume, on_step=on_step,
+                        extras={"judge": judge, "quick": quick}, label="paper 2")
+    except JudgeError as e:
+        done = sorted(p.stem for p in (root / "steps").glob("*.json"))
+        raise JudgeError(f"{e}\nThe finished steps ({', '.join(done) or 'none'}) are kept in {root}; fix the judge "
+                         "and rerun with the same output folder to resume.") from None
+    io.write_json(root / "run_config.json", {"config": cfg.to_dict(), "model": model_fingerprint(model)})
+    return [_overview_section(ctx)] + engine_sections(STEPS, ctx)
 
 
 # =========================================================================================
@@ -1035,28 +1233,55 @@ def _sections(model, cfg, store, quick, analysis, test, stats, directions, sig, 
 # =========================================================================================
 def add_circuit_args(p) -> None:
     """Options of ``emolens circuit``."""
+    from .options import add_data_args
+
     p.add_argument("--model", default=None, help="model (default: the embedded smollm2-135m-instruct; on a GPU e.g. "
                    "meta-llama/Llama-3.2-3B-Instruct or Qwen/Qwen2.5-7B-Instruct)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="runs", help="folder that holds run folders")
     p.add_argument("--name", default=None, help="run folder name (default: timestamp)")
-    p.add_argument("--overwrite", action="store_true", help="reuse an existing run folder (finished steps resume)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same --name; with "
+                   "--resume: continue it under a changed configuration (changed steps recompute)")
     p.add_argument("--quick", action="store_true", help="small data, few tokens (a few minutes on CPU)")
-    p.add_argument("--paper", action="store_true", help="use the paper's hyperparameters (no calibration)")
-    p.add_argument("--config", default=None, help="JSON file of Paper2Config fields to override")
+    p.add_argument("--paper", action="store_true", help="the paper's hyperparameters (alpha 8, scale 1, acceptance "
+                   "filter on; no calibration)")
     p.add_argument("--judge", choices=("probe", "nrc", "openai"), default=None)
     p.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint for --judge openai")
     p.add_argument("--judge-model", default=None)
-    p.add_argument("--calibrate", action="store_true", help="sweep steering alpha and circuit scale first")
+    p.add_argument("--steer-alpha", type=float, default=None, help="steering strength (default: calibrated in the run)")
+    p.add_argument("--circuit-scale", type=float, default=None, help="circuit modulation scale (default: calibrated "
+                   "in the run)")
+    p.add_argument("--calibrate", action="store_true", help="calibrate both strengths even with --paper")
+    add_data_args(p, ("paper2",))
     p.add_argument("--no-progress", action="store_true")
 
 
+def config_from_args(m, args) -> Paper2Config:
+    """The configuration ``emolens circuit`` / ``emolens run`` builds from their options."""
+    from . import options
+
+    cfg = Paper2Config.paper() if getattr(args, "paper", False) else Paper2Config.for_model(m)
+    cfg = options.apply(cfg, "paper2", args, options.read_config_file(args.config, getattr(args, "_pipelines",
+                                                                                          ("paper2",))))
+    kw = {}
+    for k in ("judge", "judge_url", "judge_model", "steer_alpha", "circuit_scale"):
+        if getattr(args, k, None) is not None:
+            kw[k] = getattr(args, k)
+    if getattr(args, "calibrate", False):
+        kw.update(steer_alpha=None, circuit_scale=None)
+    cfg = cfg.replace(**kw) if kw else cfg
+    return cfg.quick() if args.quick else cfg
+
+
 def circuit_cli(args) -> int:
-    """``emolens circuit``: run the paper-2 pipeline and write a report into a run folder."""
+    """``emolens circuit``: run the paper-2 pipeline and write a report into a run folder (``--resume DIR``
+    continues one)."""
     import argparse
+    import time
 
     import emolens
     from .. import report
+    from .engine import RunFolder
 
     if hasattr(args, "rest"):  # delegated from emolens.cli with the options unparsed
         p = argparse.ArgumentParser(prog="emolens circuit", description="Emotion circuits (paper 2).")
@@ -1068,31 +1293,18 @@ def circuit_cli(args) -> int:
             rest = ["--device", args.device] + rest
         args = p.parse_args(rest)
     m = emolens.load_model(args.model, device=args.device)
-    cfg = Paper2Config.paper() if args.paper else Paper2Config.for_model(m)
-    if args.config:
-        try:
-            over = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise InputError(f"Cannot read --config {args.config}: {e}") from None
-        if not isinstance(over, dict):
-            raise InputError(f"--config {args.config} must hold a JSON object of Paper2Config fields.")
-        cfg = Paper2Config.from_dict({**cfg.to_dict(), **over})
-    if args.judge:
-        cfg = cfg.replace(judge=args.judge)
-    if args.judge_url:
-        cfg = cfg.replace(judge_url=args.judge_url)
-    if args.judge_model:
-        cfg = cfg.replace(judge_model=args.judge_model)
-    if args.calibrate:
-        cfg = cfg.replace(calibrate=True)
-    run_dir = report.new_run_dir(args.out, args.name, overwrite=args.overwrite) if not (
-        args.overwrite and args.name and (Path(args.out) / args.name).exists()) else Path(args.out) / args.name
+    cfg = config_from_args(m, args)
+    make_judge(cfg)
+    check_data(cfg)  # a bad data file fails before a run folder exists
+    identity = {"command": "circuit", "model": model_fingerprint(m), "config": {"paper2": cfg.to_dict()}}
+    rf = RunFolder.open(args.out, args.name, identity, resume=args.resume, overwrite=args.overwrite)
     t0 = time.time()
-    print(f"emolens circuit -> {run_dir}", flush=True)
-    secs = run(m, run_dir, quick=args.quick, progress=not args.no_progress, config=cfg)
+    print(f"emolens circuit -> {rf.path}", flush=True)
+    secs = run(m, rf.path, progress=not args.no_progress, config=cfg, on_step=lambda e: rf.step_done("paper2", e))
     meta = report.run_metadata(m, {"quick": args.quick, "config": cfg.to_dict()}, command="emolens circuit",
                                elapsed_s=round(time.time() - t0, 1))
-    path = report.write_report([report.model_info_section(m)] + secs, run_dir, title=f"emolens: emotion circuits on "
+    path = report.write_report([report.model_info_section(m)] + secs, rf.path, title=f"emolens: emotion circuits on "
                                f"{m.name}", meta=meta, model_info=m.info())
+    rf.finish()
     print(f"report: {Path(path).resolve()}")
     return 0
