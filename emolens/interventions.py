@@ -38,7 +38,7 @@ from .errors import InterventionError, SiteError
 from .sites import Pos, Site
 
 __all__ = ["Intervention", "Add", "Scale", "Set", "Zero", "Mean", "Replace", "Reader", "HookReader", "HookPlan",
-           "LayerInputs", "PrefixKV", "run", "generate", "to_json", "from_json", "save_interventions", "load_interventions"]
+           "LayerInputs", "PrefixKV", "HFPlacement", "run", "generate", "rows_slice", "to_json", "from_json", "save_interventions", "load_interventions"]
 
 
 # =========================================================================================
@@ -208,8 +208,9 @@ class Add(Intervention):
     """
 
     vector: torch.Tensor = None  # type: ignore[assignment]
-    strength: float = 1.0
+    strength: Any = 1.0
     rms: bool = False
+    per_row: bool = False
     op: ClassVar[str] = "add"
 
     def __post_init__(self) -> None:
@@ -217,19 +218,71 @@ class Add(Intervention):
         if self.vector is None:
             raise InterventionError("Add needs a vector.")
         self.vector = _tensor(self.vector, "Add vector")
-        if not torch.isfinite(torch.tensor(float(self.strength))):
-            raise InterventionError(f"Add strength {self.strength} is not finite.")
+        if isinstance(self.strength, (int, float)):
+            if not torch.isfinite(torch.tensor(float(self.strength))):
+                raise InterventionError(f"Add strength {self.strength} is not finite.")
+        else:  # one strength per batch row (per-request steering)
+            self.strength = _tensor(self.strength, "Add strength").float()
+            if self.strength.ndim != 1:
+                raise InterventionError(f"Add strength has shape {tuple(self.strength.shape)}; pass a number or "
+                                        "one strength per batch row ([batch]).")
+
+    @property
+    def n_rows(self) -> int | None:
+        """Rows the per-row payload covers (``None`` when the spec applies the same edit to every row)."""
+        if self.per_row:
+            return self.vector.shape[0]
+        if isinstance(self.strength, torch.Tensor):
+            return self.strength.shape[0]
+        return None
 
     def check(self, model) -> None:
         super().check(model)
-        self._vector_shape(model, self.vector, "vector")
+        if self.per_row:
+            if self.vector.ndim < 1 or self.vector.shape[0] < 1:
+                raise InterventionError("Add(per_row=True) needs a vector with a leading batch axis [batch, ...].")
+            self._vector_shape(model, self.vector[0], "vector row")
+        else:
+            self._vector_shape(model, self.vector, "vector")
+        if self.per_row and isinstance(self.strength, torch.Tensor) and self.strength.shape[0] != self.vector.shape[0]:
+            raise InterventionError(f"Add has {self.vector.shape[0]} vector rows but {self.strength.shape[0]} "
+                                    "strengths; pass one of each per batch row.")
+
+    def rows_slice(self, start: int, stop: int) -> "Add":
+        """The same spec for batch rows ``start..stop-1`` (per-row payloads are sliced; for chunked runs)."""
+        if self.n_rows is None:
+            return self
+        if stop > self.n_rows:
+            raise InterventionError(f"A per-row Add covers {self.n_rows} rows but the prompts have at least {stop}; "
+                                    "pass one vector/strength per prompt.")
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.per_row:
+            kw["vector"] = self.vector[start:stop]
+        if isinstance(self.strength, torch.Tensor):
+            kw["strength"] = self.strength[start:stop]
+        return Add(**kw)
 
     def candidate(self, act, sub, model):
-        v = self._vector_shape(model, self.vector, "vector").to(sub.device, sub.dtype)
-        delta = self.strength * v
+        B = act.shape[0]
+        if self.n_rows is not None and self.n_rows != B:
+            raise InterventionError(f"A per-row Add at {self.site} has {self.n_rows} rows but the batch has {B}; "
+                                    "pass one vector/strength per prompt of the batch.")
+        if self.per_row:
+            v = self._row_payload(model).to(sub.device, sub.dtype)
+            v = v.reshape((B, 1) + v.shape[1:])  # [B, 1, ...]: broadcast over positions
+        else:
+            v = self._vector_shape(model, self.vector, "vector").to(sub.device, sub.dtype)
+        s = self.strength
+        if isinstance(s, torch.Tensor):
+            s = s.to(sub.device, sub.dtype).reshape((B,) + (1,) * (sub.ndim - 1))
+        delta = s * v
         if self.rms:
             delta = delta * _site_rms(self.site, act, sub)
         return sub + delta
+
+    def _row_payload(self, model) -> torch.Tensor:
+        """``[B, *payload]``: each row's vector shaped like a single spec's payload."""
+        return torch.stack([self._vector_shape(model, r, "vector row") for r in self.vector])
 
 
 @dataclass
@@ -565,6 +618,29 @@ class HookPlan:
         with self.model.bridge.hooks(fwd_hooks=fwd):
             yield self
 
+    def hf_placeable(self, placement: "HFPlacement") -> bool:
+        """Whether every hook of the plan has a place on the plain transformers modules."""
+        if any(isinstance(r, HookReader) for r in self.readers):  # raw bridge tensors: bridge only
+            return False
+        return not self.empty and all(placement.resolve(name) is not None for name in self._by_hook)
+
+    @contextlib.contextmanager
+    def hf_hooks(self, placement: "HFPlacement"):
+        """Register the plan's hooks on the plain (un-bridged) transformers modules of ``placement``.
+
+        The same hook functions as :meth:`hooks` (same specs, position tracker and readers), placed
+        as PyTorch forward (pre-)hooks on the modules whose inputs/outputs the bridge's hook points
+        wrap; for generation at raw transformers speed (SDPA attention, no idle hook points).
+        """
+        handles = [placement.attach("hook_embed", lambda act, hook: self.tracker.on_embed(act, hook))]
+        try:
+            for name, (ivs, rd) in self._by_hook.items():
+                handles.append(placement.attach(name, self._hook_fn(ivs, rd)))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
     def forward(self, batch, *, grad: bool = False, record_layer_inputs: bool = False,
                 logits_to_keep: int | None = None) -> Float[torch.Tensor, "batch pos vocab"]:
         """One forward pass of ``batch`` (call inside :meth:`hooks`).
@@ -666,8 +742,18 @@ def run(model, batch, *, interventions: Iterable[Intervention] | None = None,
 
 def generate(model, batch, *, interventions: Iterable[Intervention] | None = None,
              readers: Iterable[Reader] | None = None, max_new_tokens: int = 40, do_sample: bool = False,
-             **kw: Any) -> list[torch.Tensor]:
-    """KV-cached generation from a prompt batch; returns each row's new token ids (eos-trimmed)."""
+             backend: str = "auto", **kw: Any) -> list[torch.Tensor]:
+    """KV-cached generation from a prompt batch; returns each row's new token ids (eos-trimmed).
+
+    ``backend``: ``"hf"`` places the plan's hooks on plain transformers modules that share the
+    model's weights (SDPA attention, no idle hook points: raw ``generate`` speed); ``"bridge"``
+    runs the bridged model (eager attention, TransformerLens hook points); ``"auto"`` (default)
+    takes ``"hf"`` whenever every hook of the plan has a place there (every :class:`Site` kind;
+    not :class:`HookReader`), else ``"bridge"``. Both give the same greedy
+    tokens up to SDPA-vs-eager rounding (tested per site kind).
+    """
+    if backend not in ("auto", "hf", "bridge"):
+        raise InterventionError(f"Unknown generation backend {backend!r}; use 'auto', 'hf' or 'bridge'.")
     plan = HookPlan(model, interventions, readers)
     tok = model.tokenizer
     gen_kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id)
@@ -675,8 +761,18 @@ def generate(model, batch, *, interventions: Iterable[Intervention] | None = Non
         gen_kw.update(temperature=None, top_p=None, top_k=None)
     gen_kw.update(kw)
     plan.tracker.set_batch(batch)
-    with plan.hooks(), torch.no_grad():
-        out = model.hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **gen_kw)
+    placement = HFPlacement.of(model) if backend != "bridge" else None
+    use_hf = placement is not None and (plan.empty or plan.hf_placeable(placement))
+    if backend == "hf" and not use_hf:
+        raise InterventionError("backend='hf' cannot place these hooks on the plain transformers modules "
+                                "(a HookReader, or a model layout emolens does not map); "
+                                "use backend='auto' or 'bridge'.")
+    if use_hf:
+        ctx, hf = plan.hf_hooks(placement), placement.model
+    else:
+        ctx, hf = plan.hooks(), model.hf_model
+    with ctx, torch.no_grad():
+        out = hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **gen_kw)
     T = batch.input_ids.shape[1]
     eos = model.hf_model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {tok.eos_token_id}
@@ -686,6 +782,155 @@ def generate(model, batch, *, interventions: Iterable[Intervention] | None = Non
         cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
         rows.append(r[:cut])
     return rows
+
+
+def rows_slice(interventions: Iterable[Intervention] | None, start: int, stop: int) -> list[Intervention]:
+    """The specs for batch rows ``start..stop-1`` of a larger prompt list (per-row payloads sliced)."""
+    return [iv.rows_slice(start, stop) if isinstance(iv, Add) else iv for iv in (interventions or [])]
+
+
+# =========================================================================================
+# Plain-transformers placement (generation at raw speed)
+# =========================================================================================
+def _unwrap(mod):
+    """The transformers module a bridge component wraps (the module itself when it wraps none)."""
+    while True:
+        inner = getattr(mod, "_original_component", None) or getattr(mod, "original_component", None)
+        if not isinstance(inner, torch.nn.Module):
+            return mod
+        mod = inner
+
+
+class HFPlacement:
+    """Plain transformers modules sharing a bridged model's weights, and where each hook point sits.
+
+    The TransformerBridge swaps bridge components into the transformers model in place (eager
+    attention, ~40 hook points per layer). This builds a second, un-bridged module tree of the same
+    class on the meta device and binds every parameter and buffer to the bridged model's own
+    tensors (no copy), with SDPA attention. A bridge hook point ``X.hook_in``/``X.hook_out`` maps to
+    a forward pre-hook/forward hook on the transformers module that component ``X`` wraps
+    (``blocks.L.hook_in`` → decoder layer input, ``blocks.L.attn.o.hook_in`` → ``o_proj`` input,
+    ``blocks.L.mlp.out.hook_in`` → ``down_proj`` input, ...), so the engine's hook functions run
+    unchanged. Built once per model (:meth:`of`); ``None`` when the layout cannot be mapped.
+    """
+
+    def __init__(self, model):
+        import copy
+
+        self.emo = model
+        hf = model.hf_model
+        cfg = copy.deepcopy(hf.config)
+        try:
+            cfg._attn_implementation = "sdpa"
+        except Exception:  # noqa: BLE001 - a model without SDPA keeps its own attention
+            pass
+        with torch.device("meta"):
+            shell = type(hf)(cfg)
+        self._by_orig: dict[int, torch.nn.Module] = {}
+        for path, mod in shell.named_modules():
+            orig = self._find(hf, path)
+            if orig is None:
+                raise InterventionError(f"no counterpart for {path}")
+            self._by_orig[id(orig)] = mod
+            for kind in ("_parameters", "_buffers"):
+                for k, mine in list(getattr(mod, kind).items()):
+                    if mine is None:
+                        continue
+                    t = getattr(orig, kind).get(k)
+                    if t is None and kind == "_buffers" and k in getattr(orig, "__dict__", {}):
+                        t = orig.__dict__[k]
+                    if t is None:
+                        t = getattr(orig, k, None)
+                    if not isinstance(t, torch.Tensor) or t.is_meta:
+                        raise InterventionError(f"no tensor for {path}.{k}")
+                    getattr(mod, kind)[k] = t
+            for k, v in list(vars(mod).items()):  # plain tensor attributes (e.g. rotary inv_freq copies)
+                if isinstance(v, torch.Tensor) and v.is_meta:
+                    ov = getattr(orig, k, None)
+                    if not isinstance(ov, torch.Tensor):
+                        raise InterventionError(f"no tensor for {path}.{k}")
+                    setattr(mod, k, ov)
+        shell.generation_config = hf.generation_config
+        self.model = shell.eval()
+        self._hooks: dict[str, tuple] = {}
+
+    @staticmethod
+    def _find(root, path: str):
+        mod = _unwrap(root)
+        for part in filter(None, path.split(".")):
+            nxt = getattr(mod, part, None)
+            if nxt is None and part.isdigit() and isinstance(mod, (torch.nn.ModuleList, torch.nn.Sequential)):
+                nxt = mod[int(part)]
+            if not isinstance(nxt, torch.nn.Module):
+                return None
+            mod = _unwrap(nxt)
+        return mod
+
+    @classmethod
+    def of(cls, model) -> "HFPlacement | None":
+        """The cached placement of ``model`` (``None`` when it cannot be built, e.g. a device map)."""
+        cache = model.__dict__.setdefault("_emolens_hf_placement", {})
+        if "p" not in cache:
+            dev_map = getattr(model.hf_model, "hf_device_map", None)
+            try:
+                cache["p"] = None if dev_map and len(set(dev_map.values())) > 1 else cls(model)
+            except Exception:  # noqa: BLE001 - unmapped layouts fall back to the bridge
+                cache["p"] = None
+        return cache["p"]
+
+    def resolve(self, hook_name: str) -> tuple[torch.nn.Module, str] | None:
+        """``(module, "in"|"out")`` for a bridge hook name (aliases resolved), or ``None``."""
+        if hook_name in self._hooks:
+            return self._hooks[hook_name]
+        out = None
+        hp = self.emo.bridge.hook_dict.get(hook_name)
+        name = getattr(hp, "name", None) or ""
+        comp, _, which = name.rpartition(".")
+        if which in ("hook_in", "hook_out") and comp:
+            try:
+                bc = self.emo.bridge.get_submodule(comp)
+            except AttributeError:
+                bc = None
+            if bc is not None:
+                mod = self._by_orig.get(id(_unwrap(bc)))
+                if mod is not None and _unwrap(bc) is not bc:
+                    out = (mod, which[5:])
+        self._hooks[hook_name] = out
+        return out
+
+    def attach(self, hook_name: str, fn):
+        """Register ``fn(act, hook)`` (returning the new activation, or None) at ``hook_name``."""
+        mod, where = self.resolve(hook_name)
+        kind = _hook_kind(hook_name)
+        H, dh = self.emo.n_heads, self.emo.d_head
+
+        def call(x):
+            shp = x.shape
+            act = x.reshape(shp[0], shp[1], H, dh) if kind == "head" else x
+            new = fn(act, None)
+            return x if new is None else new.reshape(shp)
+
+        if where == "in":
+            def pre(m, args, kwargs):
+                if args:
+                    return (call(args[0]),) + tuple(args[1:]), kwargs
+                kwargs = dict(kwargs)
+                kwargs["hidden_states"] = call(kwargs["hidden_states"])
+                return args, kwargs
+            return mod.register_forward_pre_hook(pre, with_kwargs=True)
+
+        def post(m, args, output):
+            if isinstance(output, tuple):
+                return (call(output[0]),) + tuple(output[1:])
+            return call(output)
+        return mod.register_forward_hook(post)
+
+
+def _hook_kind(hook_name: str) -> str | None:
+    try:
+        return Site.parse(hook_name).kind
+    except SiteError:
+        return None
 
 
 # =========================================================================================
