@@ -3,35 +3,61 @@
 RESULT steered_generate_vs_hf = time(emolens greedy generation with an additive intervention
                                      at one layer, every position)
                                 / time(raw transformers generate, same prompts, same forced
-                                       token count)                                 target <= 1.10
+                                       token count, SDPA attention, KV cache)        target <= 1.05
+       per_row_steer_vs_hf    = the same with a different vector and strength per batch row
+                                (per-request steering, one Add(per_row=True))       target <= 1.05
+
+Also printed (not targets): scale/zero interventions on attn_out, mlp_out, heads and neurons,
+and the bridge backend (TransformerLens hook points, eager attention) for reference. All rows
+run interleaved (each repeat runs every variant once), medians of ``--reps``; raw times go to
+benchmarks/results/generate.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import PROMPTS, interleaved, machine, plain_hf  # noqa: E402
+from _common import PROMPTS, interleaved, machine, plain_hf, write_json  # noqa: E402
 
 N_NEW = 32
 
 
 def main() -> None:
     import emolens
-    from emolens import Pos, resid
-    from emolens.interventions import Add
+    from emolens import Pos, attn_out, head, mlp_out, neuron, resid
+    from emolens.interventions import Add, Scale, Zero
 
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-bridge", action="store_true", help="skip the (slow) bridge-backend reference row")
+    args = ap.parse_args()
     torch.set_grad_enabled(False)
     m = emolens.load_model()
     hf = plain_hf()
+    assert hf.config._attn_implementation == "sdpa", hf.config._attn_implementation
+    for p in list(hf.parameters()) + list(m.hf_model.parameters()):
+        p.requires_grad_(False)
     tok = m.tokenizer
     batch = m.encode(PROMPTS)
-    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(0))
+    B, L = len(PROMPTS), m.n_layers // 4
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(m.d_model, generator=g)
     v = v / v.norm()
-    steer = [Add(resid(m.n_layers // 4), v, strength=1.0, pos=Pos.all())]
+    V = torch.randn(B, m.d_model, generator=g)
+    V = V / V.norm(dim=-1, keepdim=True)
+    variants = {
+        "resid_add": [Add(resid(L), v, strength=1.0, pos=Pos.all())],
+        "per_row": [Add(resid(L), V, strength=torch.linspace(0.5, 2.0, B), per_row=True, pos=Pos.all())],
+        "attn_out_scale": [Scale(attn_out(L), 1.5)],
+        "mlp_out_add": [Add(mlp_out(L), v, strength=0.5)],
+        "heads_zero": [Zero(head(L, (0, 3)))],
+        "neurons_scale": [Scale(neuron(L, tuple(range(0, m.d_mlp, 7))), 2.0)],
+    }
     kw = dict(max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False)
 
     def raw():
@@ -39,16 +65,29 @@ def main() -> None:
                           pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None, **kw)
         assert out.shape[1] == batch.input_ids.shape[1] + N_NEW
 
-    def ours():
-        ids = m.generate(PROMPTS, interventions=steer, batch_size=len(PROMPTS), return_ids=True, **kw)
-        assert len(ids) == len(PROMPTS)
+    def ours(ivs, backend="auto"):
+        def run():
+            ids = m.generate(PROMPTS, interventions=ivs, batch_size=B, return_ids=True, backend=backend, **kw)
+            assert len(ids) == B
+        return run
 
-    t = interleaved({"hf": raw, "emolens": ours}, repeat=5)
-    x = t["emolens"] / t["hf"]
-    print(f"{len(PROMPTS)} prompts x {N_NEW} new tokens: transformers {t['hf']:.2f} s, "
-          f"emolens steered {t['emolens']:.2f} s")
+    fns = {"hf": raw} | {k: ours(iv) for k, iv in variants.items()}
+    if not args.no_bridge:
+        fns["bridge_resid_add"] = ours(variants["resid_add"], backend="bridge")
+    with torch.inference_mode():
+        t = interleaved(fns, repeat=args.reps)
+    print(f"{B} chat prompts ({batch.input_ids.shape[1]} tokens padded) x {N_NEW} forced new tokens, greedy, "
+          f"median of {args.reps} interleaved runs:")
+    print(f"  raw transformers generate (SDPA, KV cache): {t['hf']:.2f} s")
+    ratios = {}
+    for k in fns:
+        if k != "hf":
+            ratios[k] = t[k] / t["hf"]
+            print(f"  emolens {k:18s} {t[k]:.2f} s  ({ratios[k]:.3f}x)")
     print(f"machine: {machine()}")
-    print(f"RESULT steered_generate_vs_hf={x:.3f}")
+    res = {"steered_generate_vs_hf": round(ratios["resid_add"], 3), "per_row_steer_vs_hf": round(ratios["per_row"], 3)}
+    write_json("generate", res, ratios=ratios, median_seconds=t, prompts=B, new_tokens=N_NEW)
+    print(f"RESULT steered_generate_vs_hf={ratios['resid_add']:.3f} per_row_steer_vs_hf={ratios['per_row']:.3f}")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from .errors import InterventionError, SiteError
 from .sites import Pos, Site
 
 __all__ = ["Intervention", "Add", "Scale", "Set", "Zero", "Mean", "Replace", "Reader", "HookReader", "HookPlan",
-           "LayerInputs", "PrefixKV", "HFPlacement", "run", "generate", "rows_slice", "to_json", "from_json", "save_interventions", "load_interventions"]
+           "PrefixKV", "HFPlacement", "run", "generate", "rows_slice", "to_json", "from_json", "save_interventions", "load_interventions"]
 
 
 # =========================================================================================
@@ -425,93 +425,37 @@ class HookReader:
     fn: Callable[[torch.Tensor, "PositionTracker"], None]
 
 
-class LayerInputs:
-    """What each decoder layer received in one forward pass (besides the residual stream).
-
-    Recorded by ``HookPlan.forward(..., record_layer_inputs=True)``: the attention mask (per
-    layer, so sliding-window layers keep theirs), rotary position embeddings, position ids,
-    ... exactly as the Hugging Face model built them. :meth:`HookPlan.forward_from` replays
-    them to run the model from layer ``L`` on a cached residual stream (batched activation
-    patching), tiling batch-leading tensors when the run stacks several copies of the batch.
-    """
-
-    def __init__(self, n_layers: int, batch_size: int):
-        self.n_layers = n_layers
-        self.batch_size = batch_size
-        self.args: list[tuple | None] = [None] * n_layers
-        self.kwargs: list[dict | None] = [None] * n_layers
-        self._tiled: dict = {}
-
-    def _record(self, layer: int, module, args, kwargs) -> None:
-        self.args[layer] = tuple(args[1:])
-        self.kwargs[layer] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-
-    def _tile(self, x: Any, reps: int) -> Any:
-        if isinstance(x, torch.Tensor):
-            if x.ndim >= 2 and x.shape[0] == self.batch_size and reps > 1:
-                return x.repeat((reps,) + (1,) * (x.ndim - 1))  # copy-major: [copy0 rows, copy1 rows, ...]
-            return x
-        if isinstance(x, tuple):
-            return tuple(self._tile(v, reps) for v in x)
-        if isinstance(x, list):
-            return [self._tile(v, reps) for v in x]
-        if isinstance(x, dict):
-            return {k: self._tile(v, reps) for k, v in x.items()}
-        return x
-
-    # keyword inputs that carry the sequence axis, and where (for running a suffix of the positions)
-    _SEQ_KWARGS = {"attention_mask": -2, "position_ids": 1, "position_embeddings": 1, "cache_position": 0}
-
-    def can_skip_prefix(self, layer: int) -> bool:
-        """Whether the recorded inputs of ``layer`` can be cut to a suffix of the positions."""
-        if self.kwargs[layer] is None or any(isinstance(a, torch.Tensor) for a in self.args[layer]):
-            return False
-        return all(not isinstance(v, torch.Tensor) or k in self._SEQ_KWARGS for k, v in self.kwargs[layer].items())
-
-    def _cut(self, key: str, x: Any, prefix: int) -> Any:
-        if prefix == 0 or key not in self._SEQ_KWARGS:
-            return x
-        if isinstance(x, tuple):
-            return tuple(self._cut(key, v, prefix) for v in x)
-        if not isinstance(x, torch.Tensor):
-            return x
-        dim = self._SEQ_KWARGS[key]
-        if key == "attention_mask" and x.ndim < 4:
-            raise InterventionError("A prefix can only be skipped with 4-D attention masks.")
-        return x.narrow(dim, prefix, x.shape[dim] - prefix)
-
-    def get(self, layer: int, reps: int = 1, prefix: int = 0) -> tuple[tuple, dict]:
-        """Positional and keyword inputs of ``layer`` for a run of ``reps`` stacked copies of the batch
-        (covering positions ``prefix..T-1`` only when ``prefix > 0``)."""
-        if self.kwargs[layer] is None:
-            raise InterventionError(f"No inputs were recorded for layer {layer}; run HookPlan.forward("
-                                    "..., record_layer_inputs=True) on the batch first.")
-        if prefix and not self.can_skip_prefix(layer):
-            raise InterventionError(f"Layer {layer}'s recorded inputs cannot be cut to a suffix; run with prefix=0.")
-        key = (layer, reps, prefix)
-        if key not in self._tiled:
-            kw = {k: self._cut(k, v, prefix) for k, v in self.kwargs[layer].items()}
-            self._tiled[key] = (self._tile(self.args[layer], reps), self._tile(kw, reps))
-        return self._tiled[key]
-
-
 class PrefixKV:
     """Keys/values of positions ``0..prefix-1`` per layer, served to the attention as its KV cache.
 
     ``kv[layer] = (keys, values)``, each ``[rows, n_kv_heads, prefix, d_head]`` (keys after RoPE,
     as the attention caches them). Used by :meth:`HookPlan.forward_from` to recompute only the
-    positions after a shared prefix.
+    positions after a shared prefix; each run gets a fresh transformers ``DynamicCache`` filled
+    through its public ``update`` (the run appends its own keys/values to it).
     """
 
     def __init__(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]]):
         self.kv = kv
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
-        pk, pv = self.kv[layer_idx]
-        return torch.cat([pk.to(k.dtype), k], -2), torch.cat([pv.to(v.dtype), v], -2)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
+    @property
+    def length(self) -> int:
         return next(iter(self.kv.values()))[0].shape[-2]
+
+    def cache(self):
+        from transformers import DynamicCache
+
+        c = DynamicCache()
+        for L in sorted(self.kv):
+            k, v = self.kv[L]
+            c.update(k, v, L)
+        return c
+
+
+class _PassThrough(torch.nn.Module):
+    """Stands in for a skipped decoder layer: returns the residual stream it is given."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
 
 
 class PositionTracker:
@@ -577,7 +521,6 @@ class HookPlan:
             else:
                 r.site.validate(model)
         self.tracker = PositionTracker()
-        self.layer_inputs: LayerInputs | None = None
         by_hook: dict[str, tuple[list, list]] = {}
         for iv in self.interventions:
             by_hook.setdefault(iv.write_hook, ([], []))[0].append(iv)
@@ -641,86 +584,90 @@ class HookPlan:
             for h in handles:
                 h.remove()
 
-    def forward(self, batch, *, grad: bool = False, record_layer_inputs: bool = False,
+    def forward(self, batch, *, grad: bool = False,
                 logits_to_keep: int | None = None) -> Float[torch.Tensor, "batch pos vocab"]:
         """One forward pass of ``batch`` (call inside :meth:`hooks`).
 
-        With ``record_layer_inputs=True`` the inputs each decoder layer receives (masks, rotary
-        embeddings, ...) are kept in ``self.layer_inputs`` for :meth:`forward_from`. With
-        ``logits_to_keep=k`` only the last ``k`` positions are unembedded (the others are zeros
+        With ``logits_to_keep=k`` only the last ``k`` positions are unembedded (the others are zeros
         in the returned ``[batch, pos, vocab]`` tensor): for metrics that read logits at t* or
         after it only, this skips most of the unembedding.
         """
         self.tracker.set_batch(batch)
-        handles = []
-        if record_layer_inputs:
-            rec = LayerInputs(self.model.n_layers, len(batch))
-            # Forward pre-hooks (not bridge hooks): they only record the layer's call inputs.
-            for i, blk in enumerate(self.model.bridge.blocks):
-                handles.append(blk.register_forward_pre_hook(
-                    lambda mod, args, kwargs, i=i: rec._record(i, mod, args, kwargs), with_kwargs=True))
-        try:
-            kw = {} if not logits_to_keep else {"logits_to_keep": int(logits_to_keep)}
-            with torch.set_grad_enabled(grad):
-                out = self.model.hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                          position_ids=batch.position_ids, use_cache=False, **kw)
-        finally:
-            for h in handles:
-                h.remove()
-        if record_layer_inputs:
-            self.layer_inputs = rec
+        kw = {} if not logits_to_keep else {"logits_to_keep": int(logits_to_keep)}
+        with torch.set_grad_enabled(grad):
+            out = self.model.hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      position_ids=batch.position_ids, use_cache=False, **kw)
         return _pad_logits(out.logits, batch.input_ids.shape[1])
 
-    def forward_from(self, layer_inputs: LayerInputs, layer: int, resid: Float[torch.Tensor, "rows pos d_model"],
-                     batch, *, grad: bool = False, logits_to_keep: int | None = None, prefix: int = 0,
+    def forward_from(self, layer: int, resid: Float[torch.Tensor, "rows pos d_model"], batch, *, grad: bool = False,
+                     logits_to_keep: int | None = None, prefix: int = 0,
                      prefix_kv: "PrefixKV | None" = None) -> Float[torch.Tensor, "rows pos vocab"]:
         """Run the model from block ``layer`` on a given residual stream (call inside :meth:`hooks`).
 
         Blocks ``0..layer-1`` are skipped: ``resid`` is the input of block ``layer``
         (``hook_resid_pre``; ``layer == n_layers`` means the final residual, only the final norm and
-        unembedding run). ``resid`` may stack ``k`` copies of the recorded batch along the batch
-        axis (copy-major); masks and position embeddings are tiled to match and ``batch`` must be
-        the tiled :class:`~emolens.model.Batch` (position rules and ``rows=`` refer to it). Hooks
-        and interventions at layers ``>= layer`` fire as in a full pass; the logits equal a full
-        forward whose blocks before ``layer`` produced ``resid`` (``logits_to_keep`` as in
-        :meth:`forward`).
+        unembedding run). ``batch`` is the :class:`~emolens.model.Batch` of ``resid``'s rows (e.g.
+        ``k`` stacked copies of a batch, :func:`~emolens.attribution.tile_batch`; position rules and
+        ``rows=`` refer to it). Hooks and interventions at layers ``>= layer`` fire as in a full
+        pass; the logits equal a full forward whose blocks before ``layer`` produced ``resid``
+        (``logits_to_keep`` as in :meth:`forward`).
+
+        Version-independent: this is the transformers model's own forward (its masks, rotary
+        embeddings, final norm, soft-capping), called with ``inputs_embeds=resid`` while the decoder
+        layers before ``layer`` are swapped for pass-throughs; nothing depends on what a decoder
+        layer's signature is.
 
         With ``prefix > 0`` only positions ``prefix..T-1`` are computed: ``resid`` holds those
         positions and ``prefix_kv`` the attention keys/values of the earlier ones at every layer
-        ``>= layer`` (valid when the run cannot change them, e.g. patches after the first position
-        where two prompts differ). Hooks see suffix-length tensors; position rules and ``rows=`` keep
-        their meaning. The returned logits cover all ``T`` positions (zeros before ``prefix``).
+        (valid when the run cannot change them, e.g. patches after the first position where two
+        prompts differ), served as a KV cache as in cached generation. Hooks see suffix-length
+        tensors; position rules and ``rows=`` keep their meaning. The returned logits cover all
+        ``T`` positions (zeros before ``prefix``).
         """
         n = self.model.n_layers
         if not 0 <= layer <= n:
             raise SiteError(f"forward_from layer {layer} is out of range 0..{n}.")
-        B0 = layer_inputs.batch_size
-        if resid.shape[0] % B0:
-            raise InterventionError(f"forward_from got {resid.shape[0]} rows; it needs a multiple of the "
-                                    f"{B0} recorded rows (stacked copies of the batch).")
-        reps = resid.shape[0] // B0
         if len(batch) != resid.shape[0]:
             raise InterventionError(f"forward_from: batch has {len(batch)} rows but resid has {resid.shape[0]}.")
         if prefix and prefix_kv is None:
             raise InterventionError("forward_from(prefix > 0) needs prefix_kv (the prefix keys/values).")
+        T = batch.input_ids.shape[1]
+        if prefix + resid.shape[1] != T:
+            raise InterventionError(f"forward_from: resid covers {resid.shape[1]} positions after a prefix of {prefix}; "
+                                    f"the batch has {T}.")
         self.tracker.set_batch(batch)
         self.tracker.start = self.tracker.seen = prefix  # hooks see positions prefix..T-1
-        br = self.model.bridge
-        with torch.set_grad_enabled(grad):
-            h = resid
-            for i in range(layer, n):
-                args, kw = layer_inputs.get(i, reps, prefix)
-                if prefix:
-                    kw = {**kw, "past_key_values": prefix_kv}
-                out = br.blocks[i](h, *args, **kw)
-                h = out[0] if isinstance(out, tuple) else out
-            if logits_to_keep:
-                h = h[:, -int(logits_to_keep):]
-            logits = br.unembed(br.ln_final(h))
-            cap = getattr(self.model.hf_model.config, "final_logit_softcapping", None)
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
-        return _pad_logits(logits, prefix + resid.shape[1])
+        layers = _decoder_layers(self.model)
+        saved = [layers[i] for i in range(layer)]
+        kw: dict[str, Any] = {"use_cache": False}
+        if prefix:
+            kw = {"past_key_values": prefix_kv.cache(), "use_cache": True}
+        if logits_to_keep:
+            kw["logits_to_keep"] = int(logits_to_keep)
+        skip = _PassThrough()
+        try:
+            for i in range(layer):
+                layers[i] = skip
+            with torch.set_grad_enabled(grad):
+                out = self.model.hf_model(inputs_embeds=resid, attention_mask=batch.attention_mask,
+                                          position_ids=batch.position_ids[:, prefix:], **kw)
+        finally:
+            for i, blk in enumerate(saved):
+                layers[i] = blk
+        return _pad_logits(out.logits, T)
+
+
+def _decoder_layers(model) -> torch.nn.ModuleList:
+    """The transformers model's list of decoder layers (the ModuleList holding the bridge's blocks)."""
+    cache = model.__dict__.setdefault("_emolens_layers", {})
+    if "l" not in cache:
+        first = model.bridge.blocks[0]
+        found = [mod for mod in model.hf_model.modules()
+                 if isinstance(mod, torch.nn.ModuleList) and len(mod) == model.n_layers and mod[0] is first]
+        if not found:
+            raise InterventionError(f"Cannot find {model.name}'s decoder layers inside the transformers model.")
+        cache["l"] = found[0]
+    return cache["l"]
 
 
 def _pad_logits(logits: torch.Tensor, T: int) -> torch.Tensor:
