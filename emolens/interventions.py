@@ -500,12 +500,40 @@ class PositionTracker:
         return sel
 
 
+def _cache_kwarg_shim(model) -> None:
+    """Let the bridge's attention see the KV cache whatever transformers calls it (once per model).
+
+    transformers >= 5.24 passes a decoder layer's KV cache to its attention as ``cache=``; the
+    TransformerLens 4.3 attention bridges read ``past_key_values=`` (or ``layer_past=``) and would
+    silently run without the cache (cached generation forgetting the prompt, prefix replay in
+    patching attending to the suffix only). A forward pre-hook on each attention bridge copies
+    ``cache`` to ``past_key_values`` when only the former is given; with older transformers it never
+    fires.
+    """
+    if model.__dict__.get("_emolens_cache_shim"):
+        return
+
+    def pre(mod, args, kwargs):
+        if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+            kwargs = dict(kwargs)
+            kwargs["past_key_values"] = kwargs["cache"]
+            return args, kwargs
+        return None
+
+    for blk in model.bridge.blocks:
+        attn = getattr(blk, "attn", None)
+        if isinstance(attn, torch.nn.Module):
+            attn.register_forward_pre_hook(pre, with_kwargs=True)
+    model.__dict__["_emolens_cache_shim"] = True
+
+
 class HookPlan:
     """Interventions and readers grouped by hook, registered together through ``bridge.hooks``."""
 
     def __init__(self, model, interventions: Iterable[Intervention] | None = None,
                  readers: Iterable[Reader] | None = None):
         self.model = model
+        _cache_kwarg_shim(model)
         self.interventions = list(interventions or [])
         self.readers = list(readers or [])
         for iv in self.interventions:
