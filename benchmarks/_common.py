@@ -56,6 +56,34 @@ def interleaved(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: i
     return {k: statistics.median(v) for k, v in ts.items()}
 
 
+def paired_ratios(ref: Callable[[], object], fns: dict[str, Callable[[], object]], repeat: int = 5,
+                  tag: str = "") -> tuple[dict[str, float], dict[str, float]]:
+    """Median of per-pair time ratios ``fn / ref``, each pair run back to back (order alternating).
+
+    On a shared CPU the load drifts over minutes; pairing each run with a reference run next to it
+    cancels the drift that separate medians would keep. Returns ``(median ratios, median seconds)``;
+    raw times go to ``RAW``.
+    """
+    ref()  # warm-up
+    for f in fns.values():
+        f()
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    refs: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(repeat):
+        for k, f in fns.items():
+            order = ((refs[k], ref), (ts[k], f)) if r % 2 == 0 else ((ts[k], f), (refs[k], ref))
+            for store, g in order:
+                t = time.perf_counter()
+                g()
+                store.append(time.perf_counter() - t)
+    for k in fns:
+        RAW[tag + k] = ts[k]
+        RAW[tag + k + "__ref"] = refs[k]
+    ratios = {k: statistics.median([a / b for a, b in zip(ts[k], refs[k])]) for k in fns}
+    secs = {k: statistics.median(ts[k]) for k in fns} | {"ref": statistics.median(sum(refs.values(), []))}
+    return ratios, secs
+
+
 def write_json(name: str, result: dict, **extra) -> Path:
     """Write ``benchmarks/results/<name>.json``: the RESULT values, every raw timing, machine, date."""
     out = Path(__file__).parent / "results" / f"{name}.json"

@@ -137,7 +137,8 @@ def main() -> None:
           f"nodes {ts['attribution']:.3f}s -> ratio {a:.2f} (vs bridged forward {ts['attribution'] / ts['bridged']:.2f})")
 
     # ---- b: exact head patching vs TransformerLens ---------------------------------------------
-    for p in m.bridge.parameters():
+    frozen = [p for p in m.bridge.parameters() if p.requires_grad]
+    for p in frozen:  # TL at its best; restored below (attribute() needs them for c)
         p.requires_grad_(False)
     pc, px = pairs_for(m, 1)
     pcb, pxb = m.encode(pc), m.encode(px)
@@ -198,6 +199,8 @@ def main() -> None:
             exact_late = exact
     exact = exact_late
     b = b_out["late"]
+    for p in frozen:
+        p.requires_grad_(True)
 
     # ---- c: attribution quality on heads -----------------------------------------------------------
     from scipy.stats import spearmanr

@@ -8,8 +8,9 @@ RESULT steered_generate_vs_hf = time(emolens greedy generation with an additive 
                                 (per-request steering, one Add(per_row=True))       target <= 1.05
 
 Also printed (not targets): scale/zero interventions on attn_out, mlp_out, heads and neurons,
-and the bridge backend (TransformerLens hook points, eager attention) for reference. All rows
-run interleaved (each repeat runs every variant once), medians of ``--reps``; raw times go to
+and (``--bridge``) the bridge backend (TransformerLens hook points, eager attention). Each emolens
+run is paired with a raw transformers run right next to it (order alternating); the ratio is the
+median of the pair ratios (load on a shared CPU drifts over minutes). Raw times go to
 benchmarks/results/generate.json.
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import PROMPTS, interleaved, machine, plain_hf, write_json  # noqa: E402
+from _common import PROMPTS, machine, paired_ratios, plain_hf, write_json  # noqa: E402
 
 N_NEW = 32
 
@@ -33,8 +34,9 @@ def main() -> None:
     from emolens.interventions import Add, Scale, Zero
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--no-bridge", action="store_true", help="skip the (slow) bridge-backend reference row")
+    ap.add_argument("--reps", type=int, default=5, help="pairs for the two RESULT rows")
+    ap.add_argument("--site-reps", type=int, default=3, help="pairs for the other site/op rows (0 skips them)")
+    ap.add_argument("--bridge", action="store_true", help="also time the bridge backend (eager attention)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     m = emolens.load_model()
@@ -71,22 +73,25 @@ def main() -> None:
             assert len(ids) == B
         return run
 
-    fns = {"hf": raw} | {k: ours(iv) for k, iv in variants.items()}
-    if not args.no_bridge:
-        fns["bridge_resid_add"] = ours(variants["resid_add"], backend="bridge")
+    main_fns = {k: ours(variants[k]) for k in ("resid_add", "per_row")}
+    site_fns = {k: ours(iv) for k, iv in variants.items() if k not in main_fns}
+    if args.bridge:
+        site_fns["bridge_resid_add"] = ours(variants["resid_add"], backend="bridge")
     with torch.inference_mode():
-        t = interleaved(fns, repeat=args.reps)
-    print(f"{B} chat prompts ({batch.input_ids.shape[1]} tokens padded) x {N_NEW} forced new tokens, greedy, "
-          f"median of {args.reps} interleaved runs:")
-    print(f"  raw transformers generate (SDPA, KV cache): {t['hf']:.2f} s")
-    ratios = {}
-    for k in fns:
-        if k != "hf":
-            ratios[k] = t[k] / t["hf"]
-            print(f"  emolens {k:18s} {t[k]:.2f} s  ({ratios[k]:.3f}x)")
+        ratios, secs = paired_ratios(raw, main_fns, repeat=args.reps)
+        if args.site_reps:
+            r2, s2 = paired_ratios(raw, site_fns, repeat=args.site_reps)
+            ratios |= r2
+            secs |= {k: v for k, v in s2.items() if k != "ref"}
+    print(f"{B} chat prompts ({batch.input_ids.shape[1]} tokens padded) x {N_NEW} forced new tokens, greedy; "
+          f"each emolens run paired with a raw run next to it, median of the pair ratios "
+          f"({args.reps} pairs for the RESULT rows, {args.site_reps} for the others):")
+    print(f"  raw transformers generate (SDPA, KV cache): {secs['ref']:.2f} s")
+    for k, x in ratios.items():
+        print(f"  emolens {k:18s} {secs[k]:.2f} s  ({x:.3f}x)")
     print(f"machine: {machine()}")
     res = {"steered_generate_vs_hf": round(ratios["resid_add"], 3), "per_row_steer_vs_hf": round(ratios["per_row"], 3)}
-    write_json("generate", res, ratios=ratios, median_seconds=t, prompts=B, new_tokens=N_NEW)
+    write_json("generate", res, ratios=ratios, median_seconds=secs, prompts=B, new_tokens=N_NEW)
     print(f"RESULT steered_generate_vs_hf={ratios['resid_add']:.3f} per_row_steer_vs_hf={ratios['per_row']:.3f}")
 
 
