@@ -144,11 +144,11 @@ def main() -> None:
     pcb, pxb = m.encode(pc), m.encode(px)
     # b0: a raw-text pair that differs at the first token (no shared prefix to skip)
     early = None
-    for a in ("Happy", "Glad", "Proud"):
-        for z in ("Sad", "Angry", "Scared"):
+    for w_pos in ("Happy", "Glad", "Proud"):
+        for w_neg in ("Sad", "Angry", "Scared"):
             ca_, cz_ = (f"{w} is how I feel after hearing the news about my sister this morning. She called to say "
                         "that she is moving to another city next month with her whole family. What should I say "
-                        "to her when we meet for dinner?" for w in (a, z))
+                        "to her when we meet for dinner?" for w in (w_pos, w_neg))
             ea, ez = m.encode([ca_], chat=False), m.encode([cz_], chat=False)
             if ea.input_ids.shape == ez.input_ids.shape and bool((ea.input_ids[0, 0] != ez.input_ids[0, 0])):
                 early = (ea, ez)
