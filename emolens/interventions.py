@@ -9,7 +9,9 @@ ablation, enhancement, activation patching and circuit modulation are all lists 
 :mod:`emolens.capture` (streaming reads) all go through :class:`HookPlan`, which groups the
 specs by hook, adds one position tracker on ``hook_embed`` so position rules mean the same thing
 in a prompt pass and in every cached generation step, and registers everything through
-``TransformerBridge.hooks`` (so hooks are always removed afterwards).
+``TransformerBridge.hooks`` (so hooks are always removed afterwards). For generation the same hook
+functions are placed on plain transformers modules sharing the weights (:class:`HFPlacement`,
+SDPA attention), which runs at raw ``generate`` speed.
 
 Example::
 
@@ -205,6 +207,10 @@ class Add(Intervention):
     ``vector``: ``[d_model]`` for residual/sublayer sites; ``[d_head]`` or ``[n_sel, d_head]`` (or
     the flattened ``[n_heads*d_head]`` layer vector) for heads; a scalar or ``[n_sel]`` (or
     ``[d_mlp]``) for neurons.
+
+    Per-request steering: ``per_row=True`` makes ``vector`` ``[batch, *payload]`` (row ``i`` steers
+    prompt ``i``), and ``strength`` may be one number per row (``[batch]``); both cover the whole
+    prompt list of :meth:`~emolens.model.EmoModel.generate` (sliced per chunk, :func:`rows_slice`).
     """
 
     vector: torch.Tensor = None  # type: ignore[assignment]
