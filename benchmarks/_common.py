@@ -1,12 +1,15 @@
-"""Shared helpers for benchmarks: timing, peak RSS, a plain HF reference model."""
+"""Shared helpers for benchmarks: timing, peak RSS, a plain HF reference model, raw-timing JSON."""
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import platform
 import resource
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -30,8 +33,15 @@ def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
     return statistics.median(ts)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median times of several functions run alternately (fair under background load)."""
+RAW: dict[str, list[float]] = {}  # every timing taken by interleaved(), for the JSON record
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: int = 1,
+                tag: str = "") -> dict[str, float]:
+    """Median times of several functions run alternately (fair under background load).
+
+    The raw times are kept in ``RAW`` under ``tag + name`` (see :func:`write_json`).
+    """
     for f in fns.values():
         for _ in range(warmup):
             f()
@@ -41,7 +51,58 @@ def interleaved(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: i
             t = time.perf_counter()
             f()
             ts[k].append(time.perf_counter() - t)
+    for k, v in ts.items():
+        RAW[tag + k] = v
     return {k: statistics.median(v) for k, v in ts.items()}
+
+
+def paired_ratios(ref: Callable[[], object], fns: dict[str, Callable[[], object]], repeat: int = 5,
+                  tag: str = "") -> tuple[dict[str, float], dict[str, float]]:
+    """Median of per-pair time ratios ``fn / ref``, each pair run back to back (order alternating).
+
+    On a shared CPU the load drifts over minutes; pairing each run with a reference run next to it
+    cancels the drift that separate medians would keep. Returns ``(median ratios, median seconds)``;
+    raw times go to ``RAW``.
+    """
+    ref()  # warm-up
+    for f in fns.values():
+        f()
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    refs: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(repeat):
+        for k, f in fns.items():
+            order = ((refs[k], ref), (ts[k], f)) if r % 2 == 0 else ((ts[k], f), (refs[k], ref))
+            for store, g in order:
+                t = time.perf_counter()
+                g()
+                store.append(time.perf_counter() - t)
+    for k in fns:
+        RAW[tag + k] = ts[k]
+        RAW[tag + k + "__ref"] = refs[k]
+    ratios = {k: statistics.median([a / b for a, b in zip(ts[k], refs[k])]) for k in fns}
+    secs = {k: statistics.median(ts[k]) for k in fns} | {"ref": statistics.median(sum(refs.values(), []))}
+    return ratios, secs
+
+
+def write_json(name: str, result: dict, **extra) -> Path:
+    """Write ``benchmarks/results/<name>.json``: the RESULT values, every raw timing, machine, date."""
+    out = Path(__file__).parent / "results" / f"{name}.json"
+    out.parent.mkdir(exist_ok=True)
+    data = {"benchmark": name, "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine(), "load_average": os.getloadavg(), "result": result, "raw_seconds": RAW, **extra}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    os.replace(tmp, out)
+    return out
+
+
+def rss_mb() -> float:
+    """Current resident set size (MB), from /proc (Linux)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return peak_rss_mb()
 
 
 def peak_rss_mb() -> float:

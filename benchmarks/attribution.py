@@ -4,22 +4,28 @@
 
 Prints a few lines of detail and ends with
 
-    RESULT attribution_vs_forward=<a> exact_heads_speedup_vs_tl=<b> head_spearman=<c>
+    RESULT attribution_vs_forward=<a> exact_heads_speedup_vs_tl=<b> exact_heads_speedup_vs_tl_early=<b0>
+           head_spearman=<c>
 
 - a: wall time of all-node attribution (resid × position + all heads + all neurons, plain AtP)
   over a batch of emotion prompt pairs ÷ one plain Hugging Face forward (an un-bridged
-  transformers model with the same weights and its default attention, no grad) of the same
+  transformers model with the same weights and its default SDPA attention, no grad) of the same
   batch (target ≤ 4.5). Median of ``--reps`` interleaved runs; the ratio against the bridged
   model's own forward (eager attention, hook points idle) is printed too.
 - b: TransformerLens ``patching.get_act_patch_attn_head_out_all_pos`` time ÷ emolens
-  ``patching.patch(nodes="heads")`` time on the same inputs; the values must agree to 1e-4
-  (target ≥ 4). The emolens time includes its clean and corrupted passes; TL's excludes
-  building its clean cache.
+  ``patch(nodes="heads")`` time on the same inputs, for a chat pair whose prompts differ late (the
+  emotion word, position ~40 of 51) — target ≥ 4; b0: the same for a raw-text pair that differs at
+  the FIRST token (emolens's shared-prefix skip cannot help) — target ≥ 2. The values must agree to
+  1e-4. TransformerLens runs at its best: under ``torch.inference_mode()``, weights frozen
+  (``requires_grad_(False)``), its tqdm bar off, same batch and thread count; TL and emolens run
+  interleaved, ``--reps`` times each, medians compared. The emolens time includes its clean and
+  corrupted passes; TL's excludes building its clean cache (done once, outside the timing).
 - c: Spearman correlation between AtP* head scores and exact head patching on a realistic
   emotion prompt pair (≥ 0.8 expected); plain AtP and IG are printed alongside.
 
-Timings are wall-clock on whatever machine runs it; on a shared CPU, concurrent load inflates
-them unevenly, so ratios are the meaningful numbers.
+Raw timings go to benchmarks/results/attribution.json. Timings are wall-clock on whatever machine
+runs it; on a shared CPU, concurrent load inflates them unevenly, so ratios are the meaningful
+numbers.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import emolens  # noqa: E402
 from emolens.attribution import attribute  # noqa: E402
 from emolens.metrics import logit_diff  # noqa: E402
 from emolens.patching import patch  # noqa: E402
-from _common import interleaved, machine, plain_hf  # noqa: E402
+from _common import interleaved, machine, plain_hf, write_json  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -80,15 +86,6 @@ def pairs_for(m, n):
     if len(clean) < n:
         raise SystemExit(f"only {len(clean)} equal-length pairs found for {m.name}")
     return clean, corr
-
-
-def median_of(fn, reps):
-    ts, out = [], None
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2], out
 
 
 def main() -> None:
@@ -132,7 +129,7 @@ def main() -> None:
     fns = {"bridged": plain_forward(m.hf_model), "attribution": all_nodes}
     if ref is not None:
         fns["plain"] = plain_forward(ref)
-    ts = interleaved(fns, repeat=args.reps)
+    ts = interleaved(fns, repeat=args.reps, tag="attribution_")
     t_fwd = ts.get("plain", ts["bridged"])
     a = ts["attribution"] / t_fwd
     n_nodes = sum(r.scores.numel() for r in res.values())
@@ -140,28 +137,70 @@ def main() -> None:
           f"nodes {ts['attribution']:.3f}s -> ratio {a:.2f} (vs bridged forward {ts['attribution'] / ts['bridged']:.2f})")
 
     # ---- b: exact head patching vs TransformerLens ---------------------------------------------
+    frozen = [p for p in m.bridge.parameters() if p.requires_grad]
+    for p in frozen:  # TL at its best; restored below (attribute() needs them for c)
+        p.requires_grad_(False)
     pc, px = pairs_for(m, 1)
     pcb, pxb = m.encode(pc), m.encode(px)
-    print(f"b/c: pair {pc[0]!r} / {px[0]!r} ({pxb.input_ids.shape[1]} tokens)")
-    t_ours, exact = median_of(lambda: patch(m, pcb, pxb, metric, nodes="heads", batch_size=64, progress=False),
-                            args.reps)
-    print(f"b: emolens exact head patching {t_ours:.2f}s ({exact.meta['n_forward_passes']} batched passes, "
-          f"{m.n_layers * m.n_heads} heads)")
-    b = float("nan")
-    if not args.skip_tl:
-        from transformer_lens import patching as tlp
+    # b0: a raw-text pair that differs at the first token (no shared prefix to skip)
+    early = None
+    for w_pos in ("Happy", "Glad", "Proud"):
+        for w_neg in ("Sad", "Angry", "Scared"):
+            ca_, cz_ = (f"{w} is how I feel after hearing the news about my sister this morning. She called to say "
+                        "that she is moving to another city next month with her whole family. What should I say "
+                        "to her when we meet for dinner?" for w in (w_pos, w_neg))
+            ea, ez = m.encode([ca_], chat=False), m.encode([cz_], chat=False)
+            if ea.input_ids.shape == ez.input_ids.shape and bool((ea.input_ids[0, 0] != ez.input_ids[0, 0])):
+                early = (ea, ez)
+                break
+        if early:
+            break
+    if early is None:
+        raise SystemExit("no equal-length first-token pair found for this tokenizer")
+    b_out = {}
+    for label, (cb_, xb_) in {"late": (pcb, pxb), "early": early}.items():
+        first_diff = int((cb_.input_ids != xb_.input_ids).any(0).nonzero()[0])
+        print(f"b[{label}]: {xb_.input_ids.shape[1]} tokens, first differing position {first_diff}")
+        exact = None
 
-        base = float(metric(m.forward(pxb), pxb, {}).mean())
-        _, clean_cache = m.bridge.run_with_cache(pcb.input_ids)
-        t = time.perf_counter()
-        ref = tlp.get_act_patch_attn_head_out_all_pos(m.bridge, pxb.input_ids, clean_cache,
-                                                      lambda lg: metric(lg, pxb, {}).mean())
-        t_tl = time.perf_counter() - t
-        diff = float((exact.scores - (ref.cpu() - base)).abs().max())
-        print(f"b: TransformerLens {t_tl:.2f}s; max |emolens - TL| = {diff:.2e}")
-        if diff > 1e-4:
-            raise SystemExit(f"exact head patching disagrees with TransformerLens by {diff:.2e}")
-        b = t_tl / t_ours
+        def ours(cb_=cb_, xb_=xb_):
+            nonlocal exact
+            exact = patch(m, cb_, xb_, metric, nodes="heads", batch_size=64, progress=False)
+
+        fns = {"emolens": ours}
+        if not args.skip_tl:
+            from transformer_lens import patching as tlp
+
+            tlp.tqdm = lambda it, *a, **k: it  # no progress bar in the timed loop
+            with torch.inference_mode():
+                base = float(metric(m.forward(xb_), xb_, {}).mean())
+                _, clean_cache = m.bridge.run_with_cache(cb_.input_ids)
+            tl_out = {}
+
+            def tl(xb_=xb_, clean_cache=clean_cache, tl_out=tl_out):
+                with torch.inference_mode():
+                    tl_out["v"] = tlp.get_act_patch_attn_head_out_all_pos(
+                        m.bridge, xb_.input_ids, clean_cache, lambda lg: metric(lg, xb_, {}).mean())
+
+            fns["tl"] = tl
+        ts = interleaved(fns, repeat=args.reps, warmup=0, tag=f"exact_heads_{label}_")
+        info = f"b[{label}]: emolens exact head patching {ts['emolens']:.2f}s ({exact.meta['n_forward_passes']} " \
+               f"batched passes, {m.n_layers * m.n_heads} heads, prefix skipped {exact.meta['shared_prefix_skipped']})"
+        b_out[label] = float("nan")
+        if not args.skip_tl:
+            diff = float((exact.scores - (tl_out["v"].cpu() - base)).abs().max())
+            info += f"; TransformerLens {ts['tl']:.2f}s; max |emolens - TL| = {diff:.2e}"
+            if diff > 1e-4:
+                raise SystemExit(f"exact head patching disagrees with TransformerLens by {diff:.2e}")
+            b_out[label] = ts["tl"] / ts["emolens"]
+            del clean_cache
+        print(info)
+        if label == "late":
+            exact_late = exact
+    exact = exact_late
+    b = b_out["late"]
+    for p in frozen:
+        p.requires_grad_(True)
 
     # ---- c: attribution quality on heads -----------------------------------------------------------
     from scipy.stats import spearmanr
@@ -178,7 +217,11 @@ def main() -> None:
             extra = f", |GradDrop| vs |exact| {out['atp*|abs']:.3f}"
         print(f"c: {label:5s} Spearman vs exact heads {out[label]:.3f} ({time.perf_counter() - t:.1f}s){extra}")
     c = out["atp*"]
-    print(f"RESULT attribution_vs_forward={a:.2f} exact_heads_speedup_vs_tl={b:.2f} head_spearman={c:.3f}")
+    res = {"attribution_vs_forward": round(a, 2), "exact_heads_speedup_vs_tl": round(b, 2),
+           "exact_heads_speedup_vs_tl_early": round(b_out["early"], 2), "head_spearman": round(c, 3)}
+    write_json("attribution", res, spearman=out, reps=args.reps)
+    print(f"RESULT attribution_vs_forward={a:.2f} exact_heads_speedup_vs_tl={b:.2f} "
+          f"exact_heads_speedup_vs_tl_early={b_out['early']:.2f} head_spearman={c:.3f}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,11 @@ RESULT capture_vs_forward = time(capture of resid_post + hook_z + mlp.hook_post 
                             / time(one plain HF forward of the same batch)         target <= 1.15
        rss_2880_vs_100    = peak RSS of a streaming mean over 2,880 prompts
                             / the same over 100 prompts (each in a fresh process)   target <= 1.10
+       growth_mb_100 / growth_mb_2880 = those peaks minus the RSS right after loading the model
+                            (what the capture itself adds, MB)
+
+Both sides of x run under torch.inference_mode() with frozen weights, interleaved, median of 7;
+raw timings go to benchmarks/results/capture.json.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import PROMPTS, interleaved, machine, peak_rss_mb, plain_hf  # noqa: E402
+from _common import PROMPTS, interleaved, machine, peak_rss_mb, plain_hf, write_json  # noqa: E402
 
 
 def all_sites(m):
@@ -54,7 +59,10 @@ def main() -> None:
     def cap():
         capture(m, prompts, sites, pos="all", reduce="mean", batch_size=len(prompts), progress=False)
 
-    t = interleaved({"plain": plain, "capture": cap}, repeat=7)
+    for p in list(hf.parameters()) + list(m.hf_model.parameters()):
+        p.requires_grad_(False)
+    with torch.inference_mode():
+        t = interleaved({"plain": plain, "capture": cap}, repeat=7)
     x = t["capture"] / t["plain"]
     print(f"batch {tuple(batch.input_ids.shape)}: plain HF forward {t['plain']*1e3:.0f} ms, "
           f"capture of {len(sites)} sites {t['capture']*1e3:.0f} ms")
@@ -63,10 +71,16 @@ def main() -> None:
     for n in (100, 2880):
         out = subprocess.run([sys.executable, __file__, "--rss-child", str(n)], capture_output=True, text=True, check=True)
         rss[n] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"streaming mean over {n} prompts: peak RSS {rss[n]['peak_rss_mb']:.0f} MB")
+        rss[n]["growth_mb"] = rss[n]["peak_rss_mb"] - rss[n]["after_load_mb"]
+        print(f"streaming mean over {n} prompts: peak RSS {rss[n]['peak_rss_mb']:.0f} MB, "
+              f"growth over the loaded model {rss[n]['growth_mb']:.0f} MB")
     y = rss[2880]["peak_rss_mb"] / rss[100]["peak_rss_mb"]
     print(f"machine: {machine()}")
-    print(f"RESULT capture_vs_forward={x:.3f} rss_2880_vs_100={y:.3f}")
+    res = {"capture_vs_forward": round(x, 3), "rss_2880_vs_100": round(y, 3),
+           "growth_mb_100": round(rss[100]["growth_mb"], 1), "growth_mb_2880": round(rss[2880]["growth_mb"], 1)}
+    write_json("capture", res, median_seconds=t, rss_children=rss)
+    print(f"RESULT capture_vs_forward={x:.3f} rss_2880_vs_100={y:.3f} growth_mb_100={rss[100]['growth_mb']:.0f} "
+          f"growth_mb_2880={rss[2880]['growth_mb']:.0f}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ ablation, enhancement, activation patching and circuit modulation are all lists 
 :mod:`emolens.capture` (streaming reads) all go through :class:`HookPlan`, which groups the
 specs by hook, adds one position tracker on ``hook_embed`` so position rules mean the same thing
 in a prompt pass and in every cached generation step, and registers everything through
-``TransformerBridge.hooks`` (so hooks are always removed afterwards).
+``TransformerBridge.hooks`` (so hooks are always removed afterwards). For generation the same hook
+functions are placed on plain transformers modules sharing the weights (:class:`HFPlacement`,
+SDPA attention), which runs at raw ``generate`` speed.
 
 Example::
 
@@ -39,7 +41,7 @@ from .errors import InterventionError, SiteError
 from .sites import Pos, Site
 
 __all__ = ["Intervention", "Add", "Scale", "Set", "Zero", "Mean", "Replace", "Reader", "HookReader", "HookPlan",
-           "LayerInputs", "PrefixKV", "run", "generate", "to_json", "from_json", "save_interventions", "load_interventions"]
+           "PrefixKV", "HFPlacement", "run", "generate", "rows_slice", "to_json", "from_json", "save_interventions", "load_interventions"]
 
 
 # =========================================================================================
@@ -210,11 +212,16 @@ class Add(Intervention):
     ``vector``: ``[d_model]`` for residual/sublayer sites; ``[d_head]`` or ``[n_sel, d_head]`` (or
     the flattened ``[n_heads*d_head]`` layer vector) for heads; a scalar or ``[n_sel]`` (or
     ``[d_mlp]``) for neurons.
+
+    Per-request steering: ``per_row=True`` makes ``vector`` ``[batch, *payload]`` (row ``i`` steers
+    prompt ``i``), and ``strength`` may be one number per row (``[batch]``); both cover the whole
+    prompt list of :meth:`~emolens.model.EmoModel.generate` (sliced per chunk, :func:`rows_slice`).
     """
 
     vector: torch.Tensor = None  # type: ignore[assignment]
-    strength: float = 1.0
+    strength: Any = 1.0
     rms: bool = False
+    per_row: bool = False
     op: ClassVar[str] = "add"
 
     def __post_init__(self) -> None:
@@ -222,23 +229,78 @@ class Add(Intervention):
         if self.vector is None:
             raise InterventionError("Add needs a vector.")
         self.vector = _tensor(self.vector, "Add vector")
-        if isinstance(self.strength, bool) or not (isinstance(self.strength, numbers.Real) or (
-                isinstance(self.strength, torch.Tensor) and self.strength.numel() == 1)):
-            raise InterventionError(f"Add strength must be a number, not {type(self.strength).__name__} "
-                                    f"{self.strength!r}; pass e.g. strength=2.0.")
-        if not torch.isfinite(torch.tensor(float(self.strength))):
-            raise InterventionError(f"Add strength {self.strength} is not finite.")
+        if isinstance(self.strength, bool):
+            raise InterventionError(f"Add strength must be a number, not {self.strength!r}; pass e.g. strength=2.0.")
+        if isinstance(self.strength, numbers.Real) or (isinstance(self.strength, torch.Tensor)
+                                                       and self.strength.ndim == 0):
+            self.strength = float(self.strength)
+            if not torch.isfinite(torch.tensor(float(self.strength))):
+                raise InterventionError(f"Add strength {self.strength} is not finite.")
+        else:  # one strength per batch row (per-request steering)
+            if isinstance(self.strength, str) or not isinstance(self.strength, (torch.Tensor, Sequence)):
+                raise InterventionError(f"Add strength must be a number or one number per batch row, not "
+                                        f"{type(self.strength).__name__} {self.strength!r}; pass e.g. strength=2.0.")
+            self.strength = _tensor(self.strength, "Add strength").float()
+            if self.strength.ndim != 1:
+                raise InterventionError(f"Add strength has shape {tuple(self.strength.shape)}; pass a number or "
+                                        "one strength per batch row ([batch]).")
+
+    @property
+    def n_rows(self) -> int | None:
+        """Rows the per-row payload covers (``None`` when the spec applies the same edit to every row)."""
+        if self.per_row:
+            return self.vector.shape[0]
+        if isinstance(self.strength, torch.Tensor):
+            return self.strength.shape[0]
+        return None
 
     def check(self, model) -> None:
         super().check(model)
-        self._vector_shape(model, self.vector, "vector")
+        if self.per_row:
+            if self.vector.ndim < 1 or self.vector.shape[0] < 1:
+                raise InterventionError("Add(per_row=True) needs a vector with a leading batch axis [batch, ...].")
+            self._vector_shape(model, self.vector[0], "vector row")
+        else:
+            self._vector_shape(model, self.vector, "vector")
+        if self.per_row and isinstance(self.strength, torch.Tensor) and self.strength.shape[0] != self.vector.shape[0]:
+            raise InterventionError(f"Add has {self.vector.shape[0]} vector rows but {self.strength.shape[0]} "
+                                    "strengths; pass one of each per batch row.")
+
+    def rows_slice(self, start: int, stop: int) -> "Add":
+        """The same spec for batch rows ``start..stop-1`` (per-row payloads are sliced; for chunked runs)."""
+        if self.n_rows is None:
+            return self
+        if stop > self.n_rows:
+            raise InterventionError(f"A per-row Add covers {self.n_rows} rows but the prompts have at least {stop}; "
+                                    "pass one vector/strength per prompt.")
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.per_row:
+            kw["vector"] = self.vector[start:stop]
+        if isinstance(self.strength, torch.Tensor):
+            kw["strength"] = self.strength[start:stop]
+        return Add(**kw)
 
     def candidate(self, act, sub, model):
-        v = self._vector_shape(model, self.vector, "vector").to(sub.device, sub.dtype)
-        delta = self.strength * v
+        B = act.shape[0]
+        if self.n_rows is not None and self.n_rows != B:
+            raise InterventionError(f"A per-row Add at {self.site} has {self.n_rows} rows but the batch has {B}; "
+                                    "pass one vector/strength per prompt of the batch.")
+        if self.per_row:
+            v = self._row_payload(model).to(sub.device, sub.dtype)
+            v = v.reshape((B, 1) + v.shape[1:])  # [B, 1, ...]: broadcast over positions
+        else:
+            v = self._vector_shape(model, self.vector, "vector").to(sub.device, sub.dtype)
+        s = self.strength
+        if isinstance(s, torch.Tensor):
+            s = s.to(sub.device, sub.dtype).reshape((B,) + (1,) * (sub.ndim - 1))
+        delta = s * v
         if self.rms:
             delta = delta * _site_rms(self.site, act, sub)
         return sub + delta
+
+    def _row_payload(self, model) -> torch.Tensor:
+        """``[B, *payload]``: each row's vector shaped like a single spec's payload."""
+        return torch.stack([self._vector_shape(model, r, "vector row") for r in self.vector])
 
 
 @dataclass
@@ -381,93 +443,37 @@ class HookReader:
     fn: Callable[[torch.Tensor, "PositionTracker"], None]
 
 
-class LayerInputs:
-    """What each decoder layer received in one forward pass (besides the residual stream).
-
-    Recorded by ``HookPlan.forward(..., record_layer_inputs=True)``: the attention mask (per
-    layer, so sliding-window layers keep theirs), rotary position embeddings, position ids,
-    ... exactly as the Hugging Face model built them. :meth:`HookPlan.forward_from` replays
-    them to run the model from layer ``L`` on a cached residual stream (batched activation
-    patching), tiling batch-leading tensors when the run stacks several copies of the batch.
-    """
-
-    def __init__(self, n_layers: int, batch_size: int):
-        self.n_layers = n_layers
-        self.batch_size = batch_size
-        self.args: list[tuple | None] = [None] * n_layers
-        self.kwargs: list[dict | None] = [None] * n_layers
-        self._tiled: dict = {}
-
-    def _record(self, layer: int, module, args, kwargs) -> None:
-        self.args[layer] = tuple(args[1:])
-        self.kwargs[layer] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-
-    def _tile(self, x: Any, reps: int) -> Any:
-        if isinstance(x, torch.Tensor):
-            if x.ndim >= 2 and x.shape[0] == self.batch_size and reps > 1:
-                return x.repeat((reps,) + (1,) * (x.ndim - 1))  # copy-major: [copy0 rows, copy1 rows, ...]
-            return x
-        if isinstance(x, tuple):
-            return tuple(self._tile(v, reps) for v in x)
-        if isinstance(x, list):
-            return [self._tile(v, reps) for v in x]
-        if isinstance(x, dict):
-            return {k: self._tile(v, reps) for k, v in x.items()}
-        return x
-
-    # keyword inputs that carry the sequence axis, and where (for running a suffix of the positions)
-    _SEQ_KWARGS = {"attention_mask": -2, "position_ids": 1, "position_embeddings": 1, "cache_position": 0}
-
-    def can_skip_prefix(self, layer: int) -> bool:
-        """Whether the recorded inputs of ``layer`` can be cut to a suffix of the positions."""
-        if self.kwargs[layer] is None or any(isinstance(a, torch.Tensor) for a in self.args[layer]):
-            return False
-        return all(not isinstance(v, torch.Tensor) or k in self._SEQ_KWARGS for k, v in self.kwargs[layer].items())
-
-    def _cut(self, key: str, x: Any, prefix: int) -> Any:
-        if prefix == 0 or key not in self._SEQ_KWARGS:
-            return x
-        if isinstance(x, tuple):
-            return tuple(self._cut(key, v, prefix) for v in x)
-        if not isinstance(x, torch.Tensor):
-            return x
-        dim = self._SEQ_KWARGS[key]
-        if key == "attention_mask" and x.ndim < 4:
-            raise InterventionError("A prefix can only be skipped with 4-D attention masks.")
-        return x.narrow(dim, prefix, x.shape[dim] - prefix)
-
-    def get(self, layer: int, reps: int = 1, prefix: int = 0) -> tuple[tuple, dict]:
-        """Positional and keyword inputs of ``layer`` for a run of ``reps`` stacked copies of the batch
-        (covering positions ``prefix..T-1`` only when ``prefix > 0``)."""
-        if self.kwargs[layer] is None:
-            raise InterventionError(f"No inputs were recorded for layer {layer}; run HookPlan.forward("
-                                    "..., record_layer_inputs=True) on the batch first.")
-        if prefix and not self.can_skip_prefix(layer):
-            raise InterventionError(f"Layer {layer}'s recorded inputs cannot be cut to a suffix; run with prefix=0.")
-        key = (layer, reps, prefix)
-        if key not in self._tiled:
-            kw = {k: self._cut(k, v, prefix) for k, v in self.kwargs[layer].items()}
-            self._tiled[key] = (self._tile(self.args[layer], reps), self._tile(kw, reps))
-        return self._tiled[key]
-
-
 class PrefixKV:
     """Keys/values of positions ``0..prefix-1`` per layer, served to the attention as its KV cache.
 
     ``kv[layer] = (keys, values)``, each ``[rows, n_kv_heads, prefix, d_head]`` (keys after RoPE,
     as the attention caches them). Used by :meth:`HookPlan.forward_from` to recompute only the
-    positions after a shared prefix.
+    positions after a shared prefix; each run gets a fresh transformers ``DynamicCache`` filled
+    through its public ``update`` (the run appends its own keys/values to it).
     """
 
     def __init__(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]]):
         self.kv = kv
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
-        pk, pv = self.kv[layer_idx]
-        return torch.cat([pk.to(k.dtype), k], -2), torch.cat([pv.to(v.dtype), v], -2)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
+    @property
+    def length(self) -> int:
         return next(iter(self.kv.values()))[0].shape[-2]
+
+    def cache(self):
+        from transformers import DynamicCache
+
+        c = DynamicCache()
+        for L in sorted(self.kv):
+            k, v = self.kv[L]
+            c.update(k, v, L)
+        return c
+
+
+class _PassThrough(torch.nn.Module):
+    """Stands in for a skipped decoder layer: returns the residual stream it is given."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
 
 
 class PositionTracker:
@@ -512,6 +518,33 @@ class PositionTracker:
         return sel
 
 
+def _cache_kwarg_shim(model) -> None:
+    """Let the bridge's attention see the KV cache whatever transformers calls it (once per model).
+
+    transformers >= 5.24 passes a decoder layer's KV cache to its attention as ``cache=``; the
+    TransformerLens 4.3 attention bridges read ``past_key_values=`` (or ``layer_past=``) and would
+    silently run without the cache (cached generation forgetting the prompt, prefix replay in
+    patching attending to the suffix only). A forward pre-hook on each attention bridge copies
+    ``cache`` to ``past_key_values`` when only the former is given; with older transformers it never
+    fires.
+    """
+    if model.__dict__.get("_emolens_cache_shim"):
+        return
+
+    def pre(mod, args, kwargs):
+        if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+            kwargs = dict(kwargs)
+            kwargs["past_key_values"] = kwargs["cache"]
+            return args, kwargs
+        return None
+
+    for blk in model.bridge.blocks:
+        attn = getattr(blk, "attn", None)
+        if isinstance(attn, torch.nn.Module):
+            attn.register_forward_pre_hook(pre, with_kwargs=True)
+    model.__dict__["_emolens_cache_shim"] = True
+
+
 class HookPlan:
     """Interventions and readers grouped by hook, registered together through ``bridge.hooks``."""
 
@@ -520,6 +553,7 @@ class HookPlan:
         self.model = model
         if isinstance(interventions, Intervention):  # one spec where a list was expected
             interventions = [interventions]
+        _cache_kwarg_shim(model)
         self.interventions = list(interventions or [])
         self.readers = list(readers or [])
         for iv in self.interventions:
@@ -535,7 +569,6 @@ class HookPlan:
             else:
                 r.site.validate(model)
         self.tracker = PositionTracker()
-        self.layer_inputs: LayerInputs | None = None
         by_hook: dict[str, tuple[list, list]] = {}
         for iv in self.interventions:
             by_hook.setdefault(iv.write_hook, ([], []))[0].append(iv)
@@ -576,86 +609,113 @@ class HookPlan:
         with self.model.bridge.hooks(fwd_hooks=fwd):
             yield self
 
-    def forward(self, batch, *, grad: bool = False, record_layer_inputs: bool = False,
+    def hf_placeable(self, placement: "HFPlacement") -> bool:
+        """Whether every hook of the plan has a place on the plain transformers modules."""
+        if any(isinstance(r, HookReader) for r in self.readers):  # raw bridge tensors: bridge only
+            return False
+        return not self.empty and all(placement.resolve(name) is not None for name in self._by_hook)
+
+    @contextlib.contextmanager
+    def hf_hooks(self, placement: "HFPlacement"):
+        """Register the plan's hooks on the plain (un-bridged) transformers modules of ``placement``.
+
+        The same hook functions as :meth:`hooks` (same specs, position tracker and readers), placed
+        as PyTorch forward (pre-)hooks on the modules whose inputs/outputs the bridge's hook points
+        wrap; for generation at raw transformers speed (SDPA attention, no idle hook points).
+        """
+        handles = [placement.attach("hook_embed", lambda act, hook: self.tracker.on_embed(act, hook))]
+        try:
+            for name, (ivs, rd) in self._by_hook.items():
+                handles.append(placement.attach(name, self._hook_fn(ivs, rd)))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def forward(self, batch, *, grad: bool = False,
                 logits_to_keep: int | None = None) -> Float[torch.Tensor, "batch pos vocab"]:
         """One forward pass of ``batch`` (call inside :meth:`hooks`).
 
-        With ``record_layer_inputs=True`` the inputs each decoder layer receives (masks, rotary
-        embeddings, ...) are kept in ``self.layer_inputs`` for :meth:`forward_from`. With
-        ``logits_to_keep=k`` only the last ``k`` positions are unembedded (the others are zeros
+        With ``logits_to_keep=k`` only the last ``k`` positions are unembedded (the others are zeros
         in the returned ``[batch, pos, vocab]`` tensor): for metrics that read logits at t* or
         after it only, this skips most of the unembedding.
         """
         self.tracker.set_batch(batch)
-        handles = []
-        if record_layer_inputs:
-            rec = LayerInputs(self.model.n_layers, len(batch))
-            # Forward pre-hooks (not bridge hooks): they only record the layer's call inputs.
-            for i, blk in enumerate(self.model.bridge.blocks):
-                handles.append(blk.register_forward_pre_hook(
-                    lambda mod, args, kwargs, i=i: rec._record(i, mod, args, kwargs), with_kwargs=True))
-        try:
-            kw = {} if not logits_to_keep else {"logits_to_keep": int(logits_to_keep)}
-            with torch.set_grad_enabled(grad):
-                out = self.model.hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                          position_ids=batch.position_ids, use_cache=False, **kw)
-        finally:
-            for h in handles:
-                h.remove()
-        if record_layer_inputs:
-            self.layer_inputs = rec
+        kw = {} if not logits_to_keep else {"logits_to_keep": int(logits_to_keep)}
+        with torch.set_grad_enabled(grad):
+            out = self.model.hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      position_ids=batch.position_ids, use_cache=False, **kw)
         return _pad_logits(out.logits, batch.input_ids.shape[1])
 
-    def forward_from(self, layer_inputs: LayerInputs, layer: int, resid: Float[torch.Tensor, "rows pos d_model"],
-                     batch, *, grad: bool = False, logits_to_keep: int | None = None, prefix: int = 0,
+    def forward_from(self, layer: int, resid: Float[torch.Tensor, "rows pos d_model"], batch, *, grad: bool = False,
+                     logits_to_keep: int | None = None, prefix: int = 0,
                      prefix_kv: "PrefixKV | None" = None) -> Float[torch.Tensor, "rows pos vocab"]:
         """Run the model from block ``layer`` on a given residual stream (call inside :meth:`hooks`).
 
         Blocks ``0..layer-1`` are skipped: ``resid`` is the input of block ``layer``
         (``hook_resid_pre``; ``layer == n_layers`` means the final residual, only the final norm and
-        unembedding run). ``resid`` may stack ``k`` copies of the recorded batch along the batch
-        axis (copy-major); masks and position embeddings are tiled to match and ``batch`` must be
-        the tiled :class:`~emolens.model.Batch` (position rules and ``rows=`` refer to it). Hooks
-        and interventions at layers ``>= layer`` fire as in a full pass; the logits equal a full
-        forward whose blocks before ``layer`` produced ``resid`` (``logits_to_keep`` as in
-        :meth:`forward`).
+        unembedding run). ``batch`` is the :class:`~emolens.model.Batch` of ``resid``'s rows (e.g.
+        ``k`` stacked copies of a batch, :func:`~emolens.attribution.tile_batch`; position rules and
+        ``rows=`` refer to it). Hooks and interventions at layers ``>= layer`` fire as in a full
+        pass; the logits equal a full forward whose blocks before ``layer`` produced ``resid``
+        (``logits_to_keep`` as in :meth:`forward`).
+
+        Version-independent: this is the transformers model's own forward (its masks, rotary
+        embeddings, final norm, soft-capping), called with ``inputs_embeds=resid`` while the decoder
+        layers before ``layer`` are swapped for pass-throughs; nothing depends on what a decoder
+        layer's signature is.
 
         With ``prefix > 0`` only positions ``prefix..T-1`` are computed: ``resid`` holds those
         positions and ``prefix_kv`` the attention keys/values of the earlier ones at every layer
-        ``>= layer`` (valid when the run cannot change them, e.g. patches after the first position
-        where two prompts differ). Hooks see suffix-length tensors; position rules and ``rows=`` keep
-        their meaning. The returned logits cover all ``T`` positions (zeros before ``prefix``).
+        (valid when the run cannot change them, e.g. patches after the first position where two
+        prompts differ), served as a KV cache as in cached generation. Hooks see suffix-length
+        tensors; position rules and ``rows=`` keep their meaning. The returned logits cover all
+        ``T`` positions (zeros before ``prefix``).
         """
         n = self.model.n_layers
         if not 0 <= layer <= n:
             raise SiteError(f"forward_from layer {layer} is out of range 0..{n}.")
-        B0 = layer_inputs.batch_size
-        if resid.shape[0] % B0:
-            raise InterventionError(f"forward_from got {resid.shape[0]} rows; it needs a multiple of the "
-                                    f"{B0} recorded rows (stacked copies of the batch).")
-        reps = resid.shape[0] // B0
         if len(batch) != resid.shape[0]:
             raise InterventionError(f"forward_from: batch has {len(batch)} rows but resid has {resid.shape[0]}.")
         if prefix and prefix_kv is None:
             raise InterventionError("forward_from(prefix > 0) needs prefix_kv (the prefix keys/values).")
+        T = batch.input_ids.shape[1]
+        if prefix + resid.shape[1] != T:
+            raise InterventionError(f"forward_from: resid covers {resid.shape[1]} positions after a prefix of {prefix}; "
+                                    f"the batch has {T}.")
         self.tracker.set_batch(batch)
         self.tracker.start = self.tracker.seen = prefix  # hooks see positions prefix..T-1
-        br = self.model.bridge
-        with torch.set_grad_enabled(grad):
-            h = resid
-            for i in range(layer, n):
-                args, kw = layer_inputs.get(i, reps, prefix)
-                if prefix:
-                    kw = {**kw, "past_key_values": prefix_kv}
-                out = br.blocks[i](h, *args, **kw)
-                h = out[0] if isinstance(out, tuple) else out
-            if logits_to_keep:
-                h = h[:, -int(logits_to_keep):]
-            logits = br.unembed(br.ln_final(h))
-            cap = getattr(self.model.hf_model.config, "final_logit_softcapping", None)
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
-        return _pad_logits(logits, prefix + resid.shape[1])
+        layers = _decoder_layers(self.model)
+        saved = [layers[i] for i in range(layer)]
+        kw: dict[str, Any] = {"use_cache": False}
+        if prefix:
+            kw = {"past_key_values": prefix_kv.cache(), "use_cache": True}
+        if logits_to_keep:
+            kw["logits_to_keep"] = int(logits_to_keep)
+        skip = _PassThrough()
+        try:
+            for i in range(layer):
+                layers[i] = skip
+            with torch.set_grad_enabled(grad):
+                out = self.model.hf_model(inputs_embeds=resid, attention_mask=batch.attention_mask,
+                                          position_ids=batch.position_ids[:, prefix:], **kw)
+        finally:
+            for i, blk in enumerate(saved):
+                layers[i] = blk
+        return _pad_logits(out.logits, T)
+
+
+def _decoder_layers(model) -> torch.nn.ModuleList:
+    """The transformers model's list of decoder layers (the ModuleList holding the bridge's blocks)."""
+    cache = model.__dict__.setdefault("_emolens_layers", {})
+    if "l" not in cache:
+        first = model.bridge.blocks[0]
+        found = [mod for mod in model.hf_model.modules()
+                 if isinstance(mod, torch.nn.ModuleList) and len(mod) == model.n_layers and mod[0] is first]
+        if not found:
+            raise InterventionError(f"Cannot find {model.name}'s decoder layers inside the transformers model.")
+        cache["l"] = found[0]
+    return cache["l"]
 
 
 def _pad_logits(logits: torch.Tensor, T: int) -> torch.Tensor:
@@ -677,8 +737,18 @@ def run(model, batch, *, interventions: Iterable[Intervention] | None = None,
 
 def generate(model, batch, *, interventions: Iterable[Intervention] | None = None,
              readers: Iterable[Reader] | None = None, max_new_tokens: int = 40, do_sample: bool = False,
-             **kw: Any) -> list[torch.Tensor]:
-    """KV-cached generation from a prompt batch; returns each row's new token ids (eos-trimmed)."""
+             backend: str = "auto", **kw: Any) -> list[torch.Tensor]:
+    """KV-cached generation from a prompt batch; returns each row's new token ids (eos-trimmed).
+
+    ``backend``: ``"hf"`` places the plan's hooks on plain transformers modules that share the
+    model's weights (SDPA attention, no idle hook points: raw ``generate`` speed); ``"bridge"``
+    runs the bridged model (eager attention, TransformerLens hook points); ``"auto"`` (default)
+    takes ``"hf"`` whenever every hook of the plan has a place there (every :class:`Site` kind;
+    not :class:`HookReader`), else ``"bridge"``. Both give the same greedy
+    tokens up to SDPA-vs-eager rounding (tested per site kind).
+    """
+    if backend not in ("auto", "hf", "bridge"):
+        raise InterventionError(f"Unknown generation backend {backend!r}; use 'auto', 'hf' or 'bridge'.")
     plan = HookPlan(model, interventions, readers)
     tok = model.tokenizer
     gen_kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id)
@@ -686,8 +756,18 @@ def generate(model, batch, *, interventions: Iterable[Intervention] | None = Non
         gen_kw.update(temperature=None, top_p=None, top_k=None)
     gen_kw.update(kw)
     plan.tracker.set_batch(batch)
-    with plan.hooks(), torch.no_grad():
-        out = model.hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **gen_kw)
+    placement = HFPlacement.of(model) if backend != "bridge" else None
+    use_hf = placement is not None and (plan.empty or plan.hf_placeable(placement))
+    if backend == "hf" and not use_hf:
+        raise InterventionError("backend='hf' cannot place these hooks on the plain transformers modules "
+                                "(a HookReader, or a model layout emolens does not map); "
+                                "use backend='auto' or 'bridge'.")
+    if use_hf:
+        ctx, hf = plan.hf_hooks(placement), placement.model
+    else:
+        ctx, hf = plan.hooks(), model.hf_model
+    with ctx, torch.no_grad():
+        out = hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **gen_kw)
     T = batch.input_ids.shape[1]
     eos = model.hf_model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {tok.eos_token_id}
@@ -697,6 +777,155 @@ def generate(model, batch, *, interventions: Iterable[Intervention] | None = Non
         cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
         rows.append(r[:cut])
     return rows
+
+
+def rows_slice(interventions: Iterable[Intervention] | None, start: int, stop: int) -> list[Intervention]:
+    """The specs for batch rows ``start..stop-1`` of a larger prompt list (per-row payloads sliced)."""
+    return [iv.rows_slice(start, stop) if isinstance(iv, Add) else iv for iv in (interventions or [])]
+
+
+# =========================================================================================
+# Plain-transformers placement (generation at raw speed)
+# =========================================================================================
+def _unwrap(mod):
+    """The transformers module a bridge component wraps (the module itself when it wraps none)."""
+    while True:
+        inner = getattr(mod, "_original_component", None) or getattr(mod, "original_component", None)
+        if not isinstance(inner, torch.nn.Module):
+            return mod
+        mod = inner
+
+
+class HFPlacement:
+    """Plain transformers modules sharing a bridged model's weights, and where each hook point sits.
+
+    The TransformerBridge swaps bridge components into the transformers model in place (eager
+    attention, ~40 hook points per layer). This builds a second, un-bridged module tree of the same
+    class on the meta device and binds every parameter and buffer to the bridged model's own
+    tensors (no copy), with SDPA attention. A bridge hook point ``X.hook_in``/``X.hook_out`` maps to
+    a forward pre-hook/forward hook on the transformers module that component ``X`` wraps
+    (``blocks.L.hook_in`` → decoder layer input, ``blocks.L.attn.o.hook_in`` → ``o_proj`` input,
+    ``blocks.L.mlp.out.hook_in`` → ``down_proj`` input, ...), so the engine's hook functions run
+    unchanged. Built once per model (:meth:`of`); ``None`` when the layout cannot be mapped.
+    """
+
+    def __init__(self, model):
+        import copy
+
+        self.emo = model
+        hf = model.hf_model
+        cfg = copy.deepcopy(hf.config)
+        try:
+            cfg._attn_implementation = "sdpa"
+        except Exception:  # noqa: BLE001 - a model without SDPA keeps its own attention
+            pass
+        with torch.device("meta"):
+            shell = type(hf)(cfg)
+        self._by_orig: dict[int, torch.nn.Module] = {}
+        for path, mod in shell.named_modules():
+            orig = self._find(hf, path)
+            if orig is None:
+                raise InterventionError(f"no counterpart for {path}")
+            self._by_orig[id(orig)] = mod
+            for kind in ("_parameters", "_buffers"):
+                for k, mine in list(getattr(mod, kind).items()):
+                    if mine is None:
+                        continue
+                    t = getattr(orig, kind).get(k)
+                    if t is None and kind == "_buffers" and k in getattr(orig, "__dict__", {}):
+                        t = orig.__dict__[k]
+                    if t is None:
+                        t = getattr(orig, k, None)
+                    if not isinstance(t, torch.Tensor) or t.is_meta:
+                        raise InterventionError(f"no tensor for {path}.{k}")
+                    getattr(mod, kind)[k] = t
+            for k, v in list(vars(mod).items()):  # plain tensor attributes (e.g. rotary inv_freq copies)
+                if isinstance(v, torch.Tensor) and v.is_meta:
+                    ov = getattr(orig, k, None)
+                    if not isinstance(ov, torch.Tensor):
+                        raise InterventionError(f"no tensor for {path}.{k}")
+                    setattr(mod, k, ov)
+        shell.generation_config = hf.generation_config
+        self.model = shell.eval()
+        self._hooks: dict[str, tuple] = {}
+
+    @staticmethod
+    def _find(root, path: str):
+        mod = _unwrap(root)
+        for part in filter(None, path.split(".")):
+            nxt = getattr(mod, part, None)
+            if nxt is None and part.isdigit() and isinstance(mod, (torch.nn.ModuleList, torch.nn.Sequential)):
+                nxt = mod[int(part)]
+            if not isinstance(nxt, torch.nn.Module):
+                return None
+            mod = _unwrap(nxt)
+        return mod
+
+    @classmethod
+    def of(cls, model) -> "HFPlacement | None":
+        """The cached placement of ``model`` (``None`` when it cannot be built, e.g. a device map)."""
+        cache = model.__dict__.setdefault("_emolens_hf_placement", {})
+        if "p" not in cache:
+            dev_map = getattr(model.hf_model, "hf_device_map", None)
+            try:
+                cache["p"] = None if dev_map and len(set(dev_map.values())) > 1 else cls(model)
+            except Exception:  # noqa: BLE001 - unmapped layouts fall back to the bridge
+                cache["p"] = None
+        return cache["p"]
+
+    def resolve(self, hook_name: str) -> tuple[torch.nn.Module, str] | None:
+        """``(module, "in"|"out")`` for a bridge hook name (aliases resolved), or ``None``."""
+        if hook_name in self._hooks:
+            return self._hooks[hook_name]
+        out = None
+        hp = self.emo.bridge.hook_dict.get(hook_name)
+        name = getattr(hp, "name", None) or ""
+        comp, _, which = name.rpartition(".")
+        if which in ("hook_in", "hook_out") and comp:
+            try:
+                bc = self.emo.bridge.get_submodule(comp)
+            except AttributeError:
+                bc = None
+            if bc is not None:
+                mod = self._by_orig.get(id(_unwrap(bc)))
+                if mod is not None and _unwrap(bc) is not bc:
+                    out = (mod, which[5:])
+        self._hooks[hook_name] = out
+        return out
+
+    def attach(self, hook_name: str, fn):
+        """Register ``fn(act, hook)`` (returning the new activation, or None) at ``hook_name``."""
+        mod, where = self.resolve(hook_name)
+        kind = _hook_kind(hook_name)
+        H, dh = self.emo.n_heads, self.emo.d_head
+
+        def call(x):
+            shp = x.shape
+            act = x.reshape(shp[0], shp[1], H, dh) if kind == "head" else x
+            new = fn(act, None)
+            return x if new is None else new.reshape(shp)
+
+        if where == "in":
+            def pre(m, args, kwargs):
+                if args:
+                    return (call(args[0]),) + tuple(args[1:]), kwargs
+                kwargs = dict(kwargs)
+                kwargs["hidden_states"] = call(kwargs["hidden_states"])
+                return args, kwargs
+            return mod.register_forward_pre_hook(pre, with_kwargs=True)
+
+        def post(m, args, output):
+            if isinstance(output, tuple):
+                return (call(output[0]),) + tuple(output[1:])
+            return call(output)
+        return mod.register_forward_hook(post)
+
+
+def _hook_kind(hook_name: str) -> str | None:
+    try:
+        return Site.parse(hook_name).kind
+    except SiteError:
+        return None
 
 
 # =========================================================================================

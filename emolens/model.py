@@ -544,13 +544,17 @@ class EmoModel:
         Interventions apply in the prompt pass and in every KV-cached step; position rules
         keep their meaning (``Pos.last()`` fires on t* only, ``Pos.generated()`` on new tokens).
         Extra keyword arguments go to transformers ``generate`` (``repetition_penalty``,
-        ``no_repeat_ngram_size``, ``min_new_tokens``, ``temperature``, ...).
+        ``no_repeat_ngram_size``, ``min_new_tokens``, ``temperature``, ...) or to
+        :func:`emolens.interventions.generate` (``backend="auto"|"hf"|"bridge"``: by default the
+        hooks sit on plain transformers modules sharing these weights, at raw ``generate`` speed).
+        A per-row :class:`~emolens.interventions.Add` (``per_row=True`` or one strength per
+        row) covers the whole prompt list and is sliced per ``batch_size`` chunk.
 
         Returns:
             the generated continuations (special tokens stripped), one per prompt; with
             ``return_ids=True``, a list of 1-D token id tensors instead.
         """
-        from .interventions import generate
+        from .interventions import generate, rows_slice
 
         prompts = _prompt_list(prompts)
         max_new_tokens, batch_size = _positive_int("max_new_tokens", max_new_tokens), _positive_int("batch_size", batch_size)
@@ -560,7 +564,8 @@ class EmoModel:
         starts = range(0, len(prompts), batch_size)
         for s in progress_bar(starts, desc="generate", disable=not progress or len(starts) == 1):
             batch = self.encode(prompts[s:s + batch_size], chat=chat, system=system, max_new_tokens=max_new_tokens)
-            new = generate(self, batch, interventions=interventions, max_new_tokens=max_new_tokens,
+            new = generate(self, batch, interventions=rows_slice(interventions, s, s + len(batch)),
+                           max_new_tokens=max_new_tokens,
                            do_sample=do_sample, **generate_kwargs)
             for row in new:
                 out.append(row if return_ids else self.tokenizer.decode(row, skip_special_tokens=True))

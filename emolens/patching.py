@@ -7,10 +7,10 @@ denoising convention of :mod:`emolens.attribution` and of TransformerLens's
 
 It is fast because no patched run repeats work that the patch cannot change:
 
-- one corrupted forward pass records every layer's input residual and the layer inputs
-  (masks, rotary embeddings) of the batch;
+- one corrupted forward pass records every layer's input residual;
 - a patch at layer ``L`` starts at block ``L`` from the cached residual
-  (:meth:`~emolens.interventions.HookPlan.forward_from`), skipping blocks ``0..L-1``;
+  (:meth:`~emolens.interventions.HookPlan.forward_from`: the transformers model's own forward
+  with blocks ``0..L-1`` passed through, so nothing depends on a decoder layer's signature);
 - many patches of the same layer run as stacked copies of the batch in one forward pass
   (``batch_size`` rows at most), each copy with its own patch.
 
@@ -181,18 +181,17 @@ def patch(model, clean, corrupted, metric, *, nodes: str = "resid", candidates: 
             rec_x = _Recorder(model, fam + starts + metric_sites, kv_hooks if can_kv else [])
             plan = HookPlan(model, [], rec_x.readers)
             with plan.hooks():
-                lg = plan.forward(ch.corr, record_layer_inputs=True,
-                                  logits_to_keep=metric.trailing_logits(ch.corr))
+                lg = plan.forward(ch.corr, logits_to_keep=metric.trailing_logits(ch.corr))
             base = metric.per_prompt(metric(lg, ch.corr, rec_x.store)).float()
             m_corr.append(base.cpu())
-            xa, li = dict(rec_x.store), plan.layer_inputs
+            xa = dict(rec_x.store)
         n_forwards += 2
         next(it, None)
         # Positions before the first one where clean and corrupted differ are identical in every
         # patched run (causal attention): recompute only the suffix, reusing the prefix keys/values.
-        p0 = _shared_prefix(ch) if can_kv and all(li.can_skip_prefix(L) for L in range(nL)) else 0
+        p0 = _shared_prefix(ch) if can_kv else 0
         prefix_used.append(p0)
-        ctx = _Ctx(ch, ca, xa, li, metric, metric_sites, p0, lg)
+        ctx = _Ctx(ch, ca, xa, metric, metric_sites, p0, lg)
         copies = max(1, batch_size // r)
         for L, lcells in sorted(by_layer.items()):
             if nodes == "resid":  # a residual position inside the shared prefix is identical in both runs
@@ -209,7 +208,7 @@ def patch(model, clean, corrupted, metric, *, nodes: str = "resid", candidates: 
                 for c, e in zip(group, eff):
                     effects[c].append(e.cpu())
                 next(it, None)
-        del ca, xa, li, ctx, lg
+        del ca, xa, ctx, lg
 
     n = pairs.n_prompts
     mc, mx = torch.cat(m_clean), torch.cat(m_corr)
@@ -255,7 +254,6 @@ class _Ctx:
     ch: Any
     ca: dict
     xa: dict
-    li: Any
     metric: Metric
     metric_sites: list
     p0: int
@@ -335,7 +333,7 @@ def _run_group(model, nodes: str, resid_site: str, L: int, group: list[tuple[int
     keep = metric.trailing_logits(tb)
     kw = {"prefix": p0, "prefix_kv": ctx.prefix_kv(model, reps)} if p0 else {}
     with plan.hooks(), torch.no_grad():
-        logits = plan.forward_from(ctx.li, start, resid_in, tb, logits_to_keep=keep, **kw)
+        logits = plan.forward_from(start, resid_in, tb, logits_to_keep=keep, **kw)
     if p0 and (keep is None or T - keep < p0):  # the metric reads logits inside the shared prefix
         logits[:, :p0] = ctx.corr_logits[:, :p0].repeat(reps, 1, 1)
     for name, v in rec.store.items():

@@ -117,14 +117,13 @@ def test_resume_from_layer_equals_full_forward(tiny):
     readers.append(Reader(Site("resid_post", m.n_layers - 1), lambda v, s, t: cache.__setitem__(m.n_layers, v)))
     plan = HookPlan(m, [], readers)
     with plan.hooks(), torch.no_grad():
-        full = plan.forward(b, record_layer_inputs=True)
-    li = plan.layer_inputs
+        full = plan.forward(b)
     zero = Zero(Site("head", m.n_layers - 1, 1), rows=(3, 4, 5))  # only the second copy
     plan2 = HookPlan(m, [zero])
     want = m.forward(b, interventions=[Zero(Site("head", m.n_layers - 1, 1))])
     for L in range(m.n_layers + 1):
         with plan2.hooks(), torch.no_grad():
-            out = plan2.forward_from(li, L, cache[L].repeat(2, 1, 1), tile_batch(b, 2))
+            out = plan2.forward_from(L, cache[L].repeat(2, 1, 1), tile_batch(b, 2))
         assert torch.allclose(out[:3], full, atol=1e-5)
         # the zeroed head is in the last block: starting after it (L = n_layers) skips it
         assert torch.allclose(out[3:], want if L < m.n_layers else full, atol=1e-5)
