@@ -140,6 +140,19 @@ def _ensure_inputs(toks: list[str], tmp: Path) -> None:
         run = Path(run)
         assert _invoke(["emolens", "run", "--model", TINY, "--quick", "--no-progress", "--only", "paper1",
                         "--out", str(run.parent), "--name", run.name]) == 0
+    for opt in ("--analysis-data", "--test-data"):  # a user's SEV file: a few packaged scenarios
+        data = _value(toks, opt)
+        if data and not (tmp / data).exists():
+            import emolens
+
+            lines = (Path(emolens.__file__).parent / "data" / "sev_test.jsonl").read_text(encoding="utf-8").splitlines()
+            (tmp / data).write_text("\n".join(lines[:4]) + "\n", encoding="utf-8")
+    resume = _value(toks, "--resume")
+    if resume and not (tmp / resume).is_dir():  # a run to continue: the same command, interrupted by nothing
+        first = [t for i, t in enumerate(toks) if t != "--resume" and (i == 0 or toks[i - 1] != "--resume")]
+        first = _set(_set(first, "--out", str(Path(resume).parent), _options(toks)), "--name", Path(resume).name,
+                     _options(toks))
+        assert _invoke(first) == 0
     vec = _value(toks, "--vectors") if cmd == "steer" else None
     if vec and not (tmp / vec).exists():
         assert _invoke(["emolens", "steer", "--model", TINY, "--max-new-tokens", "4", "--emotion", "joy",
