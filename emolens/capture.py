@@ -66,13 +66,13 @@ class CaptureResult:
 
     def save(self, path: str | Path) -> Path:
         """Write ``path`` (safetensors) and ``path.with_suffix('.json')`` (metadata)."""
-        from safetensors.torch import save_file
+        from .io import write_json, write_safetensors
 
         p = Path(path).with_suffix(".safetensors")
-        save_file({k: v.contiguous() for k, v in self.data.items()} | {"__counts__": self.counts}, str(p))
-        p.with_suffix(".json").write_text(json.dumps({
+        write_safetensors(p, dict(self.data) | {"__counts__": self.counts})
+        write_json(p.with_suffix(".json"), {
             "reduce": self.reduce, "pos": self.pos.to_dict(), "n_items": self.n_items,
-            "groups": [str(g) for g in self.groups], "meta": self.meta}, indent=1))
+            "groups": [str(g) for g in self.groups], "meta": self.meta})
         return p
 
     @classmethod

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from .errors import OutputPathError
 
-__all__ = ["atomic_path", "ensure_dir", "publish", "write_bytes", "write_text", "write_json", "write_parquet", "write_safetensors"]
+__all__ = ["atomic_path", "ensure_dir", "publish", "safetensors_bytes", "write_bytes", "write_text", "write_json", "write_parquet", "write_safetensors"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -111,11 +111,38 @@ def write_parquet(target: str | Path, df) -> Path:
     return Path(target)
 
 
-def write_safetensors(target: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``{name: tensor}`` with string metadata as safetensors (contiguous CPU copies)."""
-    from safetensors.torch import save_file
+_ST_DTYPES = {torch_name: st for torch_name, st in (
+    ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16"), ("int64", "I64"),
+    ("int32", "I32"), ("int16", "I16"), ("int8", "I8"), ("uint8", "U8"), ("bool", "BOOL"))}
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with atomic_path(target) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    return Path(target)
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors encoding of ``{name: tensor}``, byte-deterministic.
+
+    The reference writer keeps metadata in a hash map whose order changes from process to process,
+    so two runs that computed the same tensors wrote different bytes. Here the header is JSON with
+    sorted keys and tensors are laid out in name order (a valid file for every safetensors reader).
+    """
+    import torch
+
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        dtype = _ST_DTYPES.get(str(t.dtype).removeprefix("torch."))
+        if dtype is None:
+            raise TypeError(f"safetensors cannot store {t.dtype} (tensor {name!r}); convert it first.")
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)  # data starts 8-byte aligned
+    return len(head).to_bytes(8, "little") + head + b"".join(blobs)
+
+
+def write_safetensors(target: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``{name: tensor}`` with string metadata as safetensors, atomically and byte-deterministically."""
+    return write_bytes(target, safetensors_bytes(tensors, metadata))

@@ -31,3 +31,21 @@ def test_failed_write_keeps_old_file_and_removes_temp(tmp_path):
             raise RuntimeError("crash mid-write")
     assert json.loads(target.read_text()) == {"v": "old"}
     assert sorted(os.listdir(tmp_path)) == ["r.json"]
+
+
+def test_safetensors_are_byte_deterministic_and_readable(tmp_path):
+    """Same tensors and metadata (in any order) give the same bytes; the reference reader agrees."""
+    from safetensors import safe_open
+
+    t = {"b": torch.tensor([float("nan"), 1.0]), "a": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+         "h": torch.ones(3, dtype=torch.bfloat16), "s": torch.tensor(2.5), "e": torch.zeros(0)}
+    io.write_safetensors(tmp_path / "1.safetensors", t, {"x": "1", "model": "m", "fp": "abc"})
+    io.write_safetensors(tmp_path / "2.safetensors", dict(reversed(list(t.items()))), {"fp": "abc", "x": "1", "model": "m"})
+    assert (tmp_path / "1.safetensors").read_bytes() == (tmp_path / "2.safetensors").read_bytes()
+    back = load_file(tmp_path / "1.safetensors")
+    assert set(back) == set(t)
+    for k, v in t.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        assert torch.equal(back[k].nan_to_num(), v.nan_to_num())
+    with safe_open(str(tmp_path / "1.safetensors"), "pt") as f:
+        assert f.metadata() == {"x": "1", "model": "m", "fp": "abc"}
