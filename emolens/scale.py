@@ -802,19 +802,10 @@ def sweep(model, prompts: Sequence[Any], vectors, emotions, *, strengths: Sequen
     """
     import pandas as pd
 
-    from .errors import InterventionError
-    from .steering import _sweep_result
+    from .steering import _sweep_grid, _sweep_result
 
     cfg = _as_config(backend)
-    prompts = list(prompts)
-    if not prompts:
-        raise InputError("sweep(): the evaluation set is empty; pass at least two prompts.")
-    layer_list = [layers] if isinstance(layers, int) else [int(L) for L in layers]
-    svals = sorted({float(s) for s in strengths if float(s) != 0.0})
-    for s in svals:
-        if not math.isfinite(s):
-            raise InterventionError(f"Sweep strength {s} is not finite.")
-    gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, **gen_kwargs)
+    prompts, layer_list, svals, gen = _sweep_grid(prompts, layers, strengths, max_new_tokens, batch_size, gen_kwargs)
     shared = {"prompts": prompts, "vectors": vectors, "emotions": emotions, "kind": kind,
               "strength_mode": strength_mode, "position": position, "window": list(window),
               "make_interventions": make_interventions, "gen": gen, "fluency": fluency}

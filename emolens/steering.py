@@ -369,6 +369,19 @@ def _summary_row(df: pd.DataFrame, base: pd.DataFrame, targets: Sequence[str]) -
     return row
 
 
+def _sweep_grid(prompts, layers, strengths, max_new_tokens: int, batch_size: int, gen_kwargs: dict):
+    """Checked sweep arguments: (prompts, layers, sorted non-zero strengths, generation kwargs)."""
+    prompts = list(prompts)
+    if not prompts:
+        raise InputError("sweep(): the evaluation set is empty; pass at least two prompts.")
+    layer_list = [layers] if isinstance(layers, int) else [int(L) for L in layers]
+    svals = sorted({float(s) for s in strengths if float(s) != 0.0})
+    for s in svals:
+        if not math.isfinite(s):
+            raise InterventionError(f"Sweep strength {s} is not finite.")
+    return prompts, layer_list, svals, dict(max_new_tokens=max_new_tokens, batch_size=batch_size, **gen_kwargs)
+
+
 def sweep(model, prompts: Sequence[Any], vectors: EmotionVectors,
           emotions: "str | Sequence[str] | Mapping[str, float]", *, strengths: Sequence[float],
           layers: "int | Sequence[int]", kind: str = "resid_post", strength_mode: str = "norm",
@@ -408,15 +421,7 @@ def sweep(model, prompts: Sequence[Any], vectors: EmotionVectors,
                             batch_size=batch_size, fluency=fluency, baseline=baseline, backend=backend,
                             progress=progress, **gen_kwargs)
 
-    prompts = list(prompts)
-    if not prompts:
-        raise InputError("sweep(): the evaluation set is empty; pass at least two prompts.")
-    layer_list = [layers] if isinstance(layers, int) else [int(L) for L in layers]
-    svals = sorted({float(s) for s in strengths if float(s) != 0.0})
-    for s in svals:
-        if not math.isfinite(s):
-            raise InterventionError(f"Sweep strength {s} is not finite.")
-    gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, **gen_kwargs)
+    prompts, layer_list, svals, gen = _sweep_grid(prompts, layers, strengths, max_new_tokens, batch_size, gen_kwargs)
     texts: dict = {}
     scores: dict = {}
     if baseline is not None:

@@ -140,15 +140,18 @@ def per_emotion_choice(per_emotion_rows: Mapping[str, Sequence[Mapping]], guards
 
 
 def generate_with(model, prompts: Sequence, emotions: Sequence[str | None], *, interventions_for=None,
-                  gen_kwargs: Mapping | None = None, batch_size: int = 32) -> list[str]:
+                  gen_kwargs: Mapping | None = None, batch_size: int = 32, progress: bool = False,
+                  desc: str = "generate") -> list[str]:
     """Greedy replies; rows of different target emotions share a batch, each emotion's interventions
     restricted (``rows=``) to its own rows. ``interventions_for(emotion) -> list[Intervention]``."""
     import dataclasses
 
+    from ..progress import progress_bar
+
     prompts, emotions = list(prompts), list(emotions)
     specs = {e: list(interventions_for(e)) for e in dict.fromkeys(emotions)} if interventions_for else {}
     out: list[str] = []
-    for s in range(0, len(prompts), batch_size):
+    for s in progress_bar(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
         rows = list(range(s, min(s + batch_size, len(prompts))))
         ivs = []
         for e, sp in specs.items():

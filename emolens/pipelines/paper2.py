@@ -291,7 +291,7 @@ def generate_replies(model, prompts, emotions: Sequence[str | None], *,
 
     ``backend`` (default: the one set by :func:`emolens.scale.use_backend`, else local): ``"ray"`` or a
     :class:`~emolens.scale.ScaleConfig` shards the rows over Ray workers (bitwise the same replies)."""
-    from ..progress import progress_bar
+    from ..circuits.control import generate_with
     from ..scale import active_backend, generate_replies as scaled_generate
 
     backend = active_backend() if backend is None else backend
@@ -299,22 +299,8 @@ def generate_replies(model, prompts, emotions: Sequence[str | None], *,
         return scaled_generate(model, prompts, emotions, interventions_for=interventions_for, gen_kwargs=gen_kwargs,
                                batch_size=batch_size, backend=backend, progress=progress)
 
-    gen_kwargs = dict(gen_kwargs or {})
-    prompts = list(prompts)
-    emotions = list(emotions)
-    specs = {e: list(interventions_for(e)) for e in dict.fromkeys(emotions)} if interventions_for else {}
-    out: list[str] = []
-    for s in progress_bar(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
-        rows = list(range(s, min(s + batch_size, len(prompts))))
-        ivs = []
-        for e, sp in specs.items():
-            mine = tuple(i - s for i in rows if emotions[i] == e)
-            if mine:
-                ivs += [dataclasses.replace(iv, rows=mine) for iv in sp]
-        texts = model.generate([prompts[i] for i in rows], interventions=ivs or None, batch_size=len(rows),
-                               **gen_kwargs)
-        out += [t.strip() for t in texts]
-    return out
+    return generate_with(model, prompts, emotions, interventions_for=interventions_for, gen_kwargs=gen_kwargs,
+                         batch_size=batch_size, progress=progress, desc=desc)
 
 
 def _judge_frame(judge, ps, texts: Sequence[str]) -> pd.DataFrame:

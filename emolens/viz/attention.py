@@ -197,6 +197,35 @@ def _parse_heads(heads: Any) -> list[tuple[int, int]]:
     return out
 
 
+def read_patterns(model, batch, pairs: list[tuple[int, int]], interventions=None) -> torch.Tensor:
+    """Attention patterns ``[len(pairs), T, T]`` of ``(layer, head)`` pairs on one encoded prompt.
+
+    ``batch`` holds one row (left padding dropped); ``interventions`` run during the forward pass.
+    """
+    from ..interventions import HookPlan, Reader
+
+    for layer, hd in pairs:
+        if not 0 <= layer < model.n_layers or not 0 <= hd < model.n_heads:
+            raise SiteError(f"Head ({layer}, {hd}) is out of range for {model.name}: layers 0..{model.n_layers - 1},"
+                            f" heads 0..{model.n_heads - 1}.")
+    off = int(batch.pad_offset[0])
+    got: dict[int, torch.Tensor] = {}
+
+    def keep(layer):
+        def fn(values, sel, tracker):
+            got[layer] = values[0, :, off:, off:].detach().float().cpu()
+        return fn
+
+    readers = [Reader(_PatternSite(L), keep(L)) for L in dict.fromkeys(L for L, _ in pairs)]
+    plan = HookPlan(model, list(interventions or []), readers)
+    with plan.hooks(), torch.no_grad():
+        plan.forward(batch)
+    missing = [L for L, _ in pairs if L not in got]
+    if missing:
+        raise SiteError(f"This model exposes no attention pattern hook at layers {sorted(set(missing))}.")
+    return torch.stack([got[L][h] for L, h in pairs])
+
+
 def head_patterns(model, prompt: str, heads: Any, *, chat: bool | None = None, system: str | None = None
                   ) -> AttentionView:
     """Attention patterns of chosen heads on one prompt.
@@ -210,30 +239,9 @@ def head_patterns(model, prompt: str, heads: Any, *, chat: bool | None = None, s
     Returns:
         :class:`AttentionView` with ``pattern [n_heads_selected, T, T]`` over the prompt's real tokens.
     """
-    from ..interventions import HookPlan, Reader
-
     pairs = _parse_heads(heads)
-    for layer, hd in pairs:
-        if not 0 <= layer < model.n_layers or not 0 <= hd < model.n_heads:
-            raise SiteError(f"Head ({layer}, {hd}) is out of range for {model.name}: layers 0..{model.n_layers - 1},"
-                            f" heads 0..{model.n_heads - 1}.")
     batch = model.encode([prompt], chat=chat, system=system)
-    off = int(batch.pad_offset[0])
-    got: dict[int, torch.Tensor] = {}
-
-    def keep(layer):
-        def fn(values, sel, tracker):
-            got[layer] = values[0, :, off:, off:].detach().float().cpu()
-        return fn
-
-    readers = [Reader(_PatternSite(L), keep(L)) for L in dict.fromkeys(L for L, _ in pairs)]
-    plan = HookPlan(model, None, readers)
-    with plan.hooks():
-        plan.forward(batch)
-    missing = [L for L, _ in pairs if L not in got]
-    if missing:
-        raise SiteError(f"This model exposes no attention pattern hook at layers {sorted(set(missing))}.")
-    pattern = torch.stack([got[L][h] for L, h in pairs])
+    pattern = read_patterns(model, batch, pairs)
     return AttentionView(pattern, model.to_str_tokens(batch), [f"L{L}H{h}" for L, h in pairs],
                          title=f"Attention patterns on {prompt[:40]!r}")
 

@@ -13,8 +13,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..errors import InputError, SiteError
-from .attention import AttentionView, _parse_heads, _PatternSite
+from ..errors import InputError
+from .attention import AttentionView, _parse_heads
 
 __all__ = ["top_circuit_heads", "reply_head_patterns", "circuit_attention_section"]
 
@@ -55,26 +55,11 @@ def reply_head_patterns(model, prompt: Any, reply: str, heads: Any, *, intervent
         max_tokens: keep only the last ``max_tokens`` positions (queries and keys) so long prompts stay
             readable; None keeps all.
     """
-    from ..interventions import HookPlan, Reader
+    from .attention import read_patterns
 
     pairs = _parse_heads(heads)
-    for layer, hd in pairs:
-        if not 0 <= layer < model.n_layers or not 0 <= hd < model.n_heads:
-            raise SiteError(f"Head ({layer}, {hd}) is out of range for {model.name}.")
     batch = model.encode([prompt], continuations=[reply])
-    off = int(batch.pad_offset[0])
-    got: dict[int, torch.Tensor] = {}
-
-    def keep(layer):
-        def fn(values, sel, tracker):
-            got[layer] = values[0, :, off:, off:].detach().float().cpu()
-        return fn
-
-    readers = [Reader(_PatternSite(L), keep(L)) for L in dict.fromkeys(L for L, _ in pairs)]
-    plan = HookPlan(model, list(interventions or []), readers)
-    with plan.hooks(), torch.no_grad():
-        plan.forward(batch)
-    pattern = torch.stack([got[L][h] for L, h in pairs])
+    pattern = read_patterns(model, batch, pairs, interventions)
     tokens = model.to_str_tokens(batch)
     if max_tokens is not None and len(tokens) > max_tokens:
         pattern, tokens = pattern[:, -max_tokens:, -max_tokens:], tokens[-max_tokens:]
