@@ -545,6 +545,22 @@ def _cache_kwarg_shim(model) -> None:
     model.__dict__["_emolens_cache_shim"] = True
 
 
+@contextlib.contextmanager
+def _grad_through_frozen(hf_model, grad: bool):
+    """With ``grad`` on a model whose weights are frozen (``requires_grad_(False)``), make the token
+    embeddings a leaf that requires grad, so activations downstream carry gradients (attribution
+    reads d metric / d activation, never weight gradients)."""
+    emb = hf_model.get_input_embeddings()
+    if not grad or any(p.requires_grad for p in emb.parameters()):
+        yield
+        return
+    handle = emb.register_forward_hook(lambda mod, args, out: out.detach().requires_grad_(True))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class HookPlan:
     """Interventions and readers grouped by hook, registered together through ``bridge.hooks``."""
 
@@ -642,7 +658,7 @@ class HookPlan:
         """
         self.tracker.set_batch(batch)
         kw = {} if not logits_to_keep else {"logits_to_keep": int(logits_to_keep)}
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), _grad_through_frozen(self.model.hf_model, grad):
             out = self.model.hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                       position_ids=batch.position_ids, use_cache=False, **kw)
         return _pad_logits(out.logits, batch.input_ids.shape[1])

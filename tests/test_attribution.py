@@ -75,6 +75,25 @@ def test_node_scores_match_transformerlens_attribution_patch(tiny_llama):
     assert (ours["sublayers"].scores[:, 1] - mlp).abs().max() < 1e-5
 
 
+def test_frozen_weights_give_the_same_attribution(tiny_llama):
+    """Users freeze weights (requires_grad_(False)); attribution needs activation gradients only."""
+    m = tiny_llama
+    cb, xb = _batches(m, CLEAN[:2], CORR[:2])
+    ld = _ld(m)
+    ref = attribute(m, cb, xb, ld, nodes=("resid", "heads"), progress=False)
+    flags = [p.requires_grad for p in m.hf_model.parameters()]
+    try:
+        m.hf_model.requires_grad_(False)
+        frozen = attribute(m, cb, xb, ld, nodes=("resid", "heads"), progress=False)
+        assert not any(p.requires_grad for p in m.hf_model.parameters())  # the user's setting is kept
+    finally:
+        for p, f in zip(m.hf_model.parameters(), flags):
+            p.requires_grad_(f)
+    for k in ("resid", "heads"):
+        assert frozen[k].scores.abs().max() > 0
+        assert torch.allclose(frozen[k].scores, ref[k].scores, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------ IG
 def test_integrated_gradients_converge_to_the_total_effect(tiny_llama):
     m = tiny_llama
