@@ -112,7 +112,9 @@ def test_quick_run_writes_report_raw_results_and_resumes(tiny_run):
     v = EmotionVectors.load(raw / "vectors")
     assert torch.equal(g.get("jt", "resid_post.2"), v.get("joy_trust", "resid_post.2"))
     acc = json.loads((raw / "acceptance.json").read_text())
-    assert acc["n_heldout"] == 10 and "priming" in acc["conditions"]
+    from emolens.pipelines.paper1 import Paper1Config
+
+    assert acc["n_heldout"] == Paper1Config().quick().n_heldout and "priming" in acc["conditions"]
     table = pd.read_parquet(raw / "results_table.parquet")
     assert {"condition", "metric", "t_p", "cohens_dz"} <= set(table.columns)
     # resume: every step is reused (no recomputation) and the sections come back
