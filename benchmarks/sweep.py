@@ -255,12 +255,9 @@ def main() -> None:
 
 
 def _time(f, repeat: int = 1) -> float:
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    from _common import timeit  # benchmarks/ is the script's folder, so on sys.path
+
+    return timeit(f, repeat=repeat, warmup=0)
 
 
 if __name__ == "__main__":
