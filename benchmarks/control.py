@@ -91,10 +91,11 @@ def main(argv=None) -> int:
     ap.add_argument("--valence", default="neutral")
     ap.add_argument("--stats-records", type=int, default=12)
     ap.add_argument("--influence-samples", type=int, default=8)
-    ap.add_argument("--calib-records", type=int, default=4)
-    ap.add_argument("--calib-retention", type=int, default=6,
-                    help="retention questions used in calibration (6 = the recorded run; one question is then "
-                         "16.7 points, too coarse for a 10-point guard: use >= 25 when CPU time allows)")
+    ap.add_argument("--calib-records", type=int, default=6)
+    ap.add_argument("--calib-retention", type=int, default=25,
+                    help="retention questions used in calibration (every other one of the 50; one question is "
+                         "4 points)")
+    ap.add_argument("--calib-only", action="store_true", help="stop after the calibration table (analysis data only)")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--budget", type=float, default=10.0, help="circuit budget per sublayer (paper: 10)")
     ap.add_argument("--min-neurons", type=int, default=4)
@@ -102,7 +103,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-batch", type=int, default=48)
     ap.add_argument("--steer-alphas", default="1,2")
     ap.add_argument("--circuit-scales", default="2,4")
-    ap.add_argument("--reply-scales", default="4,8")
+    ap.add_argument("--reply-scales", default="2,3,4")
+    ap.add_argument("--noname-scales", default="2,4,6")
+    ap.add_argument("--story-circuit-scales", default="2,4,8")
     ap.add_argument("--story-alphas", default="1,2")
     ap.add_argument("--system", default=CHAT_SYSTEM)
     ap.add_argument("--paper-prompt", action="store_true", help="use the paper's neutral system prompt")
@@ -115,8 +118,9 @@ def main(argv=None) -> int:
     import emolens
     from emolens.circuits.assembly import assemble_circuit
     from emolens.circuits.components import head_scores_from_stats, neuron_scores_from_stats
-    from emolens.circuits.control import (generate_with, per_emotion_choice, reply_modulation_interventions,
-                                          story_directions)
+    from emolens.circuits.control import (MENTION_TEMPLATE, generate_with, load_stories, name_confound_removed,
+                                          per_emotion_choice, reply_modulation_interventions, story_directions,
+                                          text_difference_vectors)
     from emolens.circuits.directions import collect_sev_stats, difference_vectors, emotion_directions
     from emolens.circuits.influence import layers_from_fraction, sigma, sublayer_influence
     from emolens.circuits.modulation import modulation_interventions
@@ -135,14 +139,18 @@ def main(argv=None) -> int:
     gen_kw = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": 8, "repetition_penalty": 1.1,
               "no_repeat_ngram_size": 3}
     qa_kw = {"max_new_tokens": 12, "repetition_penalty": 1.1, "no_repeat_ngram_size": 3}
-    cfg = {k: v for k, v in vars(args).items() if k not in ("out", "judge_url", "judge_model")}
-    cfg.update(system_used=system, gen_kw=gen_kw, guards=guards.to_dict(), v=1)
+    cfg = {k: v for k, v in vars(args).items() if k not in ("out", "judge_url", "judge_model", "calib_only")}
+    cfg.update(system_used=system, gen_kw=gen_kw, guards=guards.to_dict(), v=2)
     cache = Cache(Path(args.out), cfg)
     # the analysis step depends only on these: reruns with other sweeps or test files reuse it
     akeys = ("analysis", "model", "stats_records", "influence_samples", "valence", "budget", "min_neurons",
              "min_heads")
-    acache = Cache(Path(args.out) / "analysis", {**{k: cfg[k] for k in akeys}, "system_used": system, "v": 1})
-    log("cache", cache.dir, "analysis cache", acache.dir)
+    acache = Cache(Path(args.out) / "analysis", {**{k: cfg[k] for k in akeys}, "system_used": system, "v": 2})
+    # calibration rows are keyed by (method, value) inside: a changed sweep grid reuses the rows it shares
+    ckeys = akeys + ("calib_records", "calib_retention", "max_new_tokens", "gen_batch")
+    ccache = Cache(Path(args.out) / "calibration", {**{k: cfg[k] for k in ckeys}, "system_used": system,
+                                                    "gen_kw": gen_kw, "v": 2})
+    log("cache", cache.dir, "analysis cache", acache.dir, "calibration cache", ccache.dir)
 
     model = emolens.load_model(args.model)
     L = model.n_layers
@@ -173,6 +181,8 @@ def main(argv=None) -> int:
         directions = Result.load(adir / "directions")
         dmu_mlp, dmu_attn = Result.load(adir / "dmu_mlp"), Result.load(adir / "dmu_attn")
         story = Result.load(adir / "story")
+        nn_mlp, nn_attn = Result.load(adir / "nn_mlp"), Result.load(adir / "nn_attn")
+        st_mlp, st_attn = Result.load(adir / "st_mlp"), Result.load(adir / "st_attn")
         from emolens.circuits.assembly import Circuit
         circuits = {e: Circuit.load(adir / f"circuit_{e}.json", model=model) for e in EMOS}
         log("analysis: cached")
@@ -199,8 +209,18 @@ def main(argv=None) -> int:
                                            min_neurons=args.min_neurons, min_heads=args.min_heads)
         neutral = neu_prompts([it for it in stats_items if it.valence == args.valence], None, system).prompts
         story = story_directions(model, neutral, emotions=EMOS)
+        # lexical control: the same prompts naming the emotion without asking for it
+        t1 = time.time()
+        mstats = collect_sev_stats(model, emo_prompts(stats_items, EMOS, MENTION_TEMPLATE + system), emotions=EMOS,
+                                   batch_size=16, progress=False)
+        m_mlp, m_attn = difference_vectors(mstats)
+        nn_mlp, nn_attn = name_confound_removed(dmu_mlp, m_mlp), name_confound_removed(dmu_attn, m_attn)
+        st = load_stories()
+        st_mlp, st_attn = text_difference_vectors(model, [t for t, _ in st], [e for _, e in st], emotions=EMOS)
+        log(f"mention stats + story payloads: {time.time() - t1:.0f}s")
         adir.mkdir(exist_ok=True)
-        for name, r in (("directions", directions), ("dmu_mlp", dmu_mlp), ("dmu_attn", dmu_attn), ("story", story)):
+        for name, r in (("directions", directions), ("dmu_mlp", dmu_mlp), ("dmu_attn", dmu_attn), ("story", story),
+                        ("nn_mlp", nn_mlp), ("nn_attn", nn_attn), ("st_mlp", st_mlp), ("st_attn", st_attn)):
             r.save(adir / name)
         for e, c in circuits.items():
             c.save(adir / f"circuit_{e}.json")
@@ -215,9 +235,12 @@ def main(argv=None) -> int:
         "circuit": lambda s: (lambda e: modulation_interventions(model, circuits[e], dmu_mlp, dmu_attn, s)),
         "circuit_reply": lambda s: (lambda e: reply_modulation_interventions(model, circuits[e], dmu_mlp, dmu_attn,
                                                                              s)),
+        "circuit_noname": lambda s: (lambda e: modulation_interventions(model, circuits[e], nn_mlp, nn_attn, s)),
+        "circuit_story": lambda s: (lambda e: modulation_interventions(model, circuits[e], st_mlp, st_attn, s)),
         "story_steer": lambda a: (lambda e: steering_interventions(model, story, e, steer_layers, a)),
     }
     sweeps = {"steering": args.steer_alphas, "circuit": args.circuit_scales, "circuit_reply": args.reply_scales,
+              "circuit_noname": args.noname_scales, "circuit_story": args.story_circuit_scales,
               "story_steer": args.story_alphas}
     sweeps = {k: [float(x) for x in v.split(",")] for k, v in sweeps.items()}
     qa = load_retention_qa()
@@ -248,24 +271,28 @@ def main(argv=None) -> int:
     cps = neu_prompts(calib_items, EMOS, system)
     users_c = [it.user for it in cps.items]
     step = max(1, len(qa) // max(1, args.calib_retention))
-    qa_cal = qa[::step][:args.calib_retention]  # spread over the 50 questions (default 6: qa[::8])
-    cal = cache.get("calibration")
-    if cal is None:
-        t0 = time.time()
+    qa_cal = qa[::step][:args.calib_retention]  # spread over the 50 questions (default 25: qa[::2])
+    cal = ccache.get("calibration") or {}
+    t0 = time.time()
+    if "base" not in cal:
         base_c = run_method(cps, None)
-        base_ppl_c = corpus_perplexity(model, cps.prompts, base_c)
-        base_ret_c = retention(None, qa_cal)[0]
-        cal = {"base": {"texts": base_c, "ppl": base_ppl_c, "retention": base_ret_c}, "rows": []}
-        for m, vals in sweeps.items():
-            for v in vals:
-                ivf = methods[m](v)
-                texts = run_method(cps, ivf)
-                ret = retention(ivf, qa_cal)[0]
-                cal["rows"].append({"method": m, "value": v, "texts": texts,
-                                    "ppl": corpus_perplexity(model, cps.prompts, texts), "retention": ret})
-                log(f"calib {m} {v:g}: done")
-        cache.put("calibration", cal)
-        log(f"calibration generated in {time.time() - t0:.0f}s")
+        cal = {"base": {"texts": base_c, "ppl": corpus_perplexity(model, cps.prompts, base_c),
+                        "retention": retention(None, qa_cal)[0]}, "rows": []}
+        ccache.put("calibration", cal)  # after every setting: a killed run keeps what it computed
+    have = {(r["method"], float(r["value"])) for r in cal["rows"]}
+    for m, vals in sweeps.items():
+        for v in vals:
+            if (m, v) in have:
+                continue
+            ivf = methods[m](v)
+            texts = run_method(cps, ivf)
+            ret = retention(ivf, qa_cal)[0]
+            cal["rows"].append({"method": m, "value": v, "texts": texts,
+                                "ppl": corpus_perplexity(model, cps.prompts, texts), "retention": ret})
+            ccache.put("calibration", cal)
+            log(f"calib {m} {v:g}: done")
+    cal["rows"] = [r for r in cal["rows"] if float(r["value"]) in sweeps.get(r["method"], ())]
+    log(f"calibration generated in {time.time() - t0:.0f}s")
     base_ppl_c = cal["base"]["ppl"]
     calib_table, chosen, per_emotion_rows = [], {}, {e: [] for e in EMOS}
     base_df = judged(cps, cal["base"]["texts"])
@@ -298,6 +325,8 @@ def main(argv=None) -> int:
     ct["accuracy"] = (100 * ct["accuracy"]).round(1)
     log("calibration (analysis split, majority vote):\n" + ct.to_string(index=False))
     log("chosen:", chosen, "per-emotion circuit scales:", per_scales)
+    if args.calib_only:
+        return 0
 
     # ---------------------------------------------------------------- test
     tps = neu_prompts(test_items, EMOS, system)
@@ -315,6 +344,8 @@ def main(argv=None) -> int:
         "circuit_reply": (methods["circuit_reply"](strength("circuit_reply")), None),
         "circuit_per_emotion": ((lambda e: modulation_interventions(model, circuits[e], dmu_mlp, dmu_attn,
                                                                     per_scales[e])), None),
+        "circuit_noname": (methods["circuit_noname"](strength("circuit_noname")), None),
+        "circuit_story": (methods["circuit_story"](strength("circuit_story")), None),
         "story_steer": (methods["story_steer"](strength("story_steer")), None),
     }
     res = cache.get("test") or {}
@@ -380,7 +411,7 @@ def main(argv=None) -> int:
 
     acc = {n: float(frames[n]["majority"].mean()) for n in frames}
     ci = {n: wilson_interval(int(frames[n]["majority"].sum()), len(frames[n])) for n in frames}
-    variants = ["circuit_reply", "circuit_per_emotion", "story_steer"]
+    variants = ["circuit_reply", "circuit_per_emotion", "circuit_noname", "circuit_story", "story_steer"]
     card_by = {c.method: c for c in cards}
     passing = [v for v in variants if card_by[v].passes(guards)]
     best_v = max(passing or variants, key=lambda v: acc[v])

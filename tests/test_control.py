@@ -261,3 +261,52 @@ def test_story_directions_unit_centred_and_confound_free(tiny_llama):
     basis = confound_basis(neu[str(resid(L, "post"))].double(), 0.5, 8).float()
     assert basis.shape[0] == d.meta["n_confound"][L] >= 1
     assert (basis @ d.scores[0, L, 1]).abs().max() < 1e-4
+
+
+def test_text_difference_vectors_match_a_per_text_reference(tiny_llama):
+    """Token-averaged group means, centred across emotions, recomputed text by text from the bridge cache."""
+    import torch
+
+    from emolens.circuits.control import text_difference_vectors
+
+    m = tiny_llama
+    texts = ["he shouted and slammed the door", "they lied and I yelled at them", "she cried alone at the grave",
+             "a picnic in the sun", "the empty chair at dinner"]
+    labels = ["anger", "anger", "sadness", "neutral", "sadness"]  # 'neutral' is not an emotion asked for: ignored
+    emos = ("anger", "sadness")
+    mn, z = text_difference_vectors(m, texts, labels, emotions=emos, batch_size=2)
+    assert mn.kind == "neurons" and tuple(mn.scores.shape) == (2, m.n_layers, m.d_mlp)
+    assert z.kind == "head_vectors" and tuple(z.scores.shape) == (2, m.n_layers, m.n_heads, m.d_head)
+    # reference: one text at a time, no padding, sum over its tokens
+    sums = {e: [torch.zeros(m.n_layers, m.d_mlp, dtype=torch.float64), 0] for e in emos}
+    for t, e in zip(texts, labels):
+        if e not in emos:
+            continue
+        ids = m.tokenizer(t, return_tensors="pt").input_ids
+        _, cache = m.bridge.run_with_cache(ids, names_filter=lambda n: n.endswith("mlp.hook_post"))
+        for l in range(m.n_layers):
+            sums[e][0][l] += cache[f"blocks.{l}.mlp.hook_post"][0].double().sum(0)
+        sums[e][1] += ids.shape[1]
+    means = torch.stack([sums[e][0] / sums[e][1] for e in emos])
+    ref = means - means.mean(0, keepdim=True)
+    torch.testing.assert_close(mn.scores.double(), ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(InputError, match="one each"):
+        text_difference_vectors(m, texts, labels[:2], emotions=emos)
+    with pytest.raises(InputError, match="no texts labelled"):
+        text_difference_vectors(m, texts, labels, emotions=("anger", "fear"))
+
+
+def test_name_confound_removed_hand_case():
+    import torch
+
+    from emolens.circuits.control import name_confound_removed
+    from emolens.results import Result
+
+    v = torch.tensor([[[3.0, 4.0], [1.0, 0.0]]])  # [emotion=1, layer=2, d=2]
+    c = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])  # layer 1: zero confound -> unchanged
+    mk = lambda s: Result("neurons", s, ("emotion", "layer", "neuron"), {"emotion": ["joy"]}, {}, {})  # noqa: E731
+    out = name_confound_removed(mk(v), mk(c))
+    torch.testing.assert_close(out.scores, torch.tensor([[[0.0, 4.0], [1.0, 0.0]]]))
+    assert out.meta["confound_removed"] is True
+    with pytest.raises(InputError, match="same model"):
+        name_confound_removed(mk(v), mk(c[:, :1]))

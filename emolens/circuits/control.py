@@ -10,6 +10,14 @@
   emotionally neutral text (the neutral-confound subspace) projected out. Returned in the layout of
   :func:`~emolens.circuits.directions.emotion_directions` so
   :func:`~emolens.circuits.steer.steering_interventions` uses them unchanged.
+* :func:`text_difference_vectors` - circuit payloads (neuron and ``hook_z`` difference vectors) from
+  labelled texts instead of P_emo's t*: with the project's show-not-name stories the payload carries
+  the emotion's content, not the instruction "reply in {emotion}" and its word.
+* :func:`name_confound_removed` - step-5 difference vectors with their lexical component projected
+  out: the difference vectors of prompts that only *mention* the emotion word ("Remember this word:
+  {emotion}.") are the confound; each payload vector loses its projection on them, so modulation
+  keeps what the instruction adds beyond the word (why: P_emo's payload makes small models name the
+  emotion outright instead of expressing it).
 * :func:`per_emotion_choice` - per-emotion strengths from a calibration sweep with the same guarded rule.
 
 All interventions are plain :class:`~emolens.interventions.Add` specs run by the one hook engine.
@@ -30,7 +38,11 @@ from .assembly import Circuit
 from .modulation import modulation_interventions
 
 __all__ = ["reply_modulation_interventions", "load_stories", "story_directions", "confound_basis",
-           "per_emotion_choice"]
+           "per_emotion_choice", "text_difference_vectors", "name_confound_removed", "MENTION_TEMPLATE"]
+
+#: System-prompt prefix of the lexical control for :func:`name_confound_removed`: the emotion word
+#: is present, the instruction to express it is not.
+MENTION_TEMPLATE = "Remember this word: {emotion}.\n"
 
 _DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -122,6 +134,68 @@ def story_directions(model, neutral_prompts: Sequence, *, stories: Sequence[tupl
                    "method": "story means centred across emotions, neutral-confound PCs projected out "
                              f"(var_frac={var_frac}, max_k={max_k})", "n_stories": len(texts),
                    "n_neutral": len(neutral_prompts), "n_confound": [int(x) for x in n_conf.tolist()]})
+
+
+def text_difference_vectors(model, texts: Sequence[str], labels: Sequence[str], *,
+                            emotions: Sequence[str] = ("anger", "sadness", "happiness", "fear", "surprise", "disgust"),
+                            chat: bool = False, batch_size: int = 16, progress: bool = False) -> tuple[Result, Result]:
+    """Difference vectors in the layout of :func:`~emolens.circuits.directions.difference_vectors`,
+    from token-averaged activations over labelled texts.
+
+    ``dmu_e[l] = m_e[l] - mean_e' m_e'[l]`` with ``m_e`` the mean over every token of every text
+    labelled ``e`` of ``mlp.hook_post`` (neurons) and ``hook_z`` (heads).
+
+    Args:
+        texts, labels: one emotion label per text (texts of other labels are ignored).
+        chat: read the texts through the chat template (default: raw text).
+
+    Returns:
+        ``(neurons [emotion, layer, d_mlp], head_vectors [emotion, layer, head, d_head])``, activation units.
+    """
+    from ..capture import capture
+    from ..sites import head, neuron
+
+    emotions, texts, labels = list(emotions), list(texts), list(labels)
+    if len(texts) != len(labels):
+        raise InputError(f"text_difference_vectors(): {len(texts)} texts but {len(labels)} labels; pass one each.")
+    keep = [(t, e) for t, e in zip(texts, labels) if e in emotions]
+    missing = [e for e in emotions if e not in {e2 for _, e2 in keep}]
+    if missing:
+        raise InputError(f"text_difference_vectors(): no texts labelled {missing}; add some or drop those emotions.")
+    L = model.n_layers
+    sites = [neuron(l) for l in range(L)] + [head(l) for l in range(L)]
+    cap = capture(model, [t for t, _ in keep], sites, pos=Pos.all(), reduce="group_mean", groups=[e for _, e in keep],
+                  chat=chat, batch_size=batch_size, progress=progress, desc="text activations")
+    order = [cap.groups.index(e) for e in emotions]
+    mn = torch.stack([cap.data[f"neuron.{l}"][order].double() for l in range(L)], 1)  # [E, L, d_mlp]
+    z = torch.stack([cap.data[f"head.{l}"][order].double() for l in range(L)], 1)  # [E, L, H, d_head]
+    mn, z = mn - mn.mean(0, keepdim=True), z - z.mean(0, keepdim=True)
+    meta = {"model": model.name, "metric": "activation difference", "n_texts": len(keep),
+            "method": "token-averaged group means over labelled texts, centred across emotions"}
+    return (Result("neurons", mn.float(), ("emotion", "layer", "neuron"), {"emotion": emotions}, {}, dict(meta)),
+            Result("head_vectors", z.float(), ("emotion", "layer", "head", "dim"), {"emotion": emotions}, {}, dict(meta)))
+
+
+def name_confound_removed(dmu: Result, confound: Result) -> Result:
+    """``dmu`` with, per emotion and layer (and head), its projection on ``confound`` removed.
+
+    ``v' = v - (v.c / c.c) c`` for each payload vector ``v`` (a layer's neuron vector, or one head's
+    ``hook_z`` vector) and the same slice ``c`` of ``confound`` (e.g. the difference vectors of the
+    :data:`MENTION_TEMPLATE` prompts); a zero ``c`` leaves ``v`` unchanged.
+    """
+    if dmu.kind != confound.kind or tuple(dmu.scores.shape) != tuple(confound.scores.shape):
+        raise InputError(f"name_confound_removed(): {dmu.kind} {tuple(dmu.scores.shape)} vs confound "
+                         f"{confound.kind} {tuple(confound.scores.shape)}; pass difference vectors of the same model "
+                         "and layout.")
+    if dmu.labels.get("emotion") != confound.labels.get("emotion"):
+        raise InputError("name_confound_removed(): the emotions of the payload and the confound differ; compute both "
+                         "for the same emotions in the same order.")
+    v, c = dmu.scores.double(), confound.scores.double()
+    cc = (c * c).sum(-1, keepdim=True)
+    coef = torch.where(cc > 0, (v * c).sum(-1, keepdim=True) / cc.clamp_min(1e-30), torch.zeros_like(cc))
+    out = (v - coef * c).float()
+    return Result(dmu.kind, out, dmu.axes, dict(dmu.labels), {}, {**dmu.meta, "confound_removed": True,
+                                                                "confound": confound.meta.get("method", "")})
 
 
 def per_emotion_choice(per_emotion_rows: Mapping[str, Sequence[Mapping]], guards, default: float) -> dict[str, float]:
