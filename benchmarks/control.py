@@ -105,8 +105,9 @@ def main(argv=None) -> int:
     ap.add_argument("--circuit-scales", default="2,4")
     ap.add_argument("--reply-scales", default="2,3,4")
     ap.add_argument("--noname-scales", default="2,4,6")
-    ap.add_argument("--story-circuit-scales", default="2,4,8")
-    ap.add_argument("--story-alphas", default="1,2")
+    ap.add_argument("--story-circuit-scales", default="2,3,4")
+    ap.add_argument("--story-reply-scales", default="2,3,4")
+    ap.add_argument("--story-alphas", default="1")
     ap.add_argument("--system", default=CHAT_SYSTEM)
     ap.add_argument("--paper-prompt", action="store_true", help="use the paper's neutral system prompt")
     ap.add_argument("--judge-url", default=None)
@@ -139,8 +140,12 @@ def main(argv=None) -> int:
     gen_kw = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": 8, "repetition_penalty": 1.1,
               "no_repeat_ngram_size": 3}
     qa_kw = {"max_new_tokens": 12, "repetition_penalty": 1.1, "no_repeat_ngram_size": 3}
-    cfg = {k: v for k, v in vars(args).items() if k not in ("out", "judge_url", "judge_model", "calib_only")}
-    cfg.update(system_used=system, gen_kw=gen_kw, guards=guards.to_dict(), v=2)
+    # the test cache: its entries are keyed by method and strength, so an extended sweep reuses them
+    sweep_args = ("steer_alphas", "circuit_scales", "reply_scales", "noname_scales", "story_circuit_scales",
+                  "story_reply_scales", "story_alphas")
+    cfg = {k: v for k, v in vars(args).items()
+           if k not in ("out", "judge_url", "judge_model", "calib_only") + sweep_args}
+    cfg.update(system_used=system, gen_kw=gen_kw, guards=guards.to_dict(), v=3)
     cache = Cache(Path(args.out), cfg)
     # the analysis step depends only on these: reruns with other sweeps or test files reuse it
     akeys = ("analysis", "model", "stats_records", "influence_samples", "valence", "budget", "min_neurons",
@@ -237,10 +242,13 @@ def main(argv=None) -> int:
                                                                              s)),
         "circuit_noname": lambda s: (lambda e: modulation_interventions(model, circuits[e], nn_mlp, nn_attn, s)),
         "circuit_story": lambda s: (lambda e: modulation_interventions(model, circuits[e], st_mlp, st_attn, s)),
+        "circuit_story_reply": lambda s: (lambda e: reply_modulation_interventions(model, circuits[e], st_mlp, st_attn,
+                                                                                   s)),
         "story_steer": lambda a: (lambda e: steering_interventions(model, story, e, steer_layers, a)),
     }
     sweeps = {"steering": args.steer_alphas, "circuit": args.circuit_scales, "circuit_reply": args.reply_scales,
               "circuit_noname": args.noname_scales, "circuit_story": args.story_circuit_scales,
+              "circuit_story_reply": args.story_reply_scales,
               "story_steer": args.story_alphas}
     sweeps = {k: [float(x) for x in v.split(",")] for k, v in sweeps.items()}
     qa = load_retention_qa()
@@ -346,19 +354,24 @@ def main(argv=None) -> int:
                                                                     per_scales[e])), None),
         "circuit_noname": (methods["circuit_noname"](strength("circuit_noname")), None),
         "circuit_story": (methods["circuit_story"](strength("circuit_story")), None),
+        "circuit_story_reply": (methods["circuit_story_reply"](strength("circuit_story_reply")), None),
         "story_steer": (methods["story_steer"](strength("story_steer")), None),
     }
-    res = cache.get("test") or {}
+    test_strength = {"unsteered": 0, "prompting": 0, "circuit_per_emotion": json.dumps(per_scales, sort_keys=True),
+                     **{m: strength(m) for m in methods}}
+    stored = cache.get("test") or {}
+    res = {}
     for name, (ivf, kind) in test_methods.items():
-        if name in res:
-            continue
-        t0 = time.time()
-        texts = run_method(tps, ivf, tps_emo if kind == "emo" else None)
-        ppl = corpus_perplexity(model, tps.prompts, texts)
-        ret, ok, _ = retention(ivf, qa, emo_system=(kind == "emo"))
-        res[name] = {"texts": texts, "ppl": ppl, "retention": ret}
-        cache.put("test", res)
-        log(f"test {name}: {time.time() - t0:.0f}s")
+        key = f"{name}@{test_strength[name]}"
+        if key not in stored:
+            t0 = time.time()
+            texts = run_method(tps, ivf, tps_emo if kind == "emo" else None)
+            ppl = corpus_perplexity(model, tps.prompts, texts)
+            ret, ok, _ = retention(ivf, qa, emo_system=(kind == "emo"))
+            stored[key] = {"texts": texts, "ppl": ppl, "retention": ret}
+            cache.put("test", stored)
+            log(f"test {name}: {time.time() - t0:.0f}s")
+        res[name] = stored[key]
 
     frames, cards = {}, []
     base_ppl, base_ret = res["unsteered"]["ppl"], res["unsteered"]["retention"]
@@ -411,7 +424,8 @@ def main(argv=None) -> int:
 
     acc = {n: float(frames[n]["majority"].mean()) for n in frames}
     ci = {n: wilson_interval(int(frames[n]["majority"].sum()), len(frames[n])) for n in frames}
-    variants = ["circuit_reply", "circuit_per_emotion", "circuit_noname", "circuit_story", "story_steer"]
+    variants = ["circuit_reply", "circuit_per_emotion", "circuit_noname", "circuit_story", "circuit_story_reply",
+                "story_steer"]
     card_by = {c.method: c for c in cards}
     passing = [v for v in variants if card_by[v].passes(guards)]
     best_v = max(passing or variants, key=lambda v: acc[v])
