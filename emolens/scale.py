@@ -100,6 +100,8 @@ class ScaleConfig:
         shard_size: prompts (or cells, or grid points) per shard; prompt shards are rounded up
             to a multiple of ``batch_size``. Default: about 4 shards per worker.
         run_dir: folder for finished shards (``run_dir/shards/``); ``None`` keeps them in memory.
+            Work started inside a pipeline step records its shards in the step's folder
+            (``ROOT/.shards/STEP/``, :func:`emolens.pipelines.engine.current_shard_dir`) instead.
         resume: reuse finished shards in ``run_dir`` whose fingerprint matches.
         max_restarts, max_task_retries: Ray restarts of a dead actor and retries of its task.
         model_kwargs: extra :func:`~emolens.load_model` arguments for the workers (``device``,
