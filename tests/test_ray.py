@@ -195,9 +195,9 @@ def test_killed_driver_then_resume_skips_finished_shards(tiny_llama, cluster, tm
     done = {p: p.stat().st_mtime_ns for p in markers.rglob("*.json")}
     assert 3 <= len(done) < 8, proc.stdout.read().decode()[-2000:]  # 8 shards in all: killed part-way
     for marker in done:  # atomic writes: every visible marker is complete and its files hash to what it records
-        m = json.loads(marker.read_text())
-        assert m["fingerprint"] and len(m["files"]) == 2
-        assert all(hashlib.sha256((shard_dir / rel).read_bytes()).hexdigest() == sha for rel, sha in m["files"].items())
+        rec = json.loads(marker.read_text())
+        assert rec["fingerprint"] and len(rec["files"]) == 2
+        assert all(hashlib.sha256((shard_dir / rel).read_bytes()).hexdigest() == sha for rel, sha in rec["files"].items())
     cfg = _cfg(cluster, shard_size=2, run_dir=str(tmp_path))
     texts = scale.generate_replies(m, prompts, gen_kwargs={"max_new_tokens": 8}, batch_size=2, backend=cfg)
     assert texts == generate_replies(m, prompts, [None] * 16, gen_kwargs={"max_new_tokens": 8}, batch_size=2)
