@@ -121,7 +121,9 @@ def plain_hf(name: str = "smollm2-135m-instruct"):
     from emolens.model import cache_dir
 
     emolens.load_model(name)  # make sure the safetensors cache exists
-    return AutoModelForCausalLM.from_pretrained(cache_dir() / "models" / name, dtype=torch.float32).eval()
+    # plain modules, as emolens loads them (transformers >= 5.25 would otherwise default to Hub kernels)
+    return AutoModelForCausalLM.from_pretrained(cache_dir() / "models" / name, dtype=torch.float32,
+                                                use_kernels=False).eval()
 
 
 PROMPTS = [

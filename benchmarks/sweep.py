@@ -68,6 +68,11 @@ def specs_for(m, layer: int):
     return out
 
 
+def _markers(d) -> list[Path]:
+    """The finished shards' markers under the run folder ``d`` (``d/shards/steps/<job>/<index>.json``)."""
+    return list((Path(d) / "shards" / "steps").rglob("*.json"))
+
+
 _DRIVER = """
 import sys, time, torch
 torch.set_num_threads(1)
@@ -185,9 +190,9 @@ def main() -> None:
         res: dict = {}
         th = threading.Thread(target=lambda: res.update(texts=on_ray(cfg_k)))
         th.start()
-        while len(list(Path(d).rglob("*.json"))) < 1 and th.is_alive():
+        while len(list(_markers(d))) < 1 and th.is_alive():
             time.sleep(0.02)
-        n_before = len(list(Path(d).rglob("*.json")))
+        n_before = len(list(_markers(d)))
         os.kill(pids[0], signal.SIGKILL)
         th.join()
         kill_equal = res.get("texts") == ref and n_before < len(prompts) // bs - 2
@@ -202,16 +207,16 @@ def main() -> None:
                    OMP_NUM_THREADS="1", EMOLENS_PROGRESS="0")
         proc = subprocess.Popen([sys.executable, "-c", code, d], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        while len(list(Path(d).rglob("*.json"))) < 2 and proc.poll() is None:
+        while len(list(_markers(d))) < 2 and proc.poll() is None:
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        before = {p: p.stat().st_mtime_ns for p in Path(d).rglob("*.json")}
+        before = {p: p.stat().st_mtime_ns for p in _markers(d)}
         cfg_r = scale.ScaleConfig(backend="ray", workers=2, shard_size=bs, run_dir=d)
         t = time.perf_counter()
         out = on_ray(cfg_r)
         t_resume = time.perf_counter() - t
-        after = {p: p.stat().st_mtime_ns for p in Path(d).rglob("*.json")}
+        after = {p: p.stat().st_mtime_ns for p in _markers(d)}
         skipped = all(after.get(p) == v for p, v in before.items())
         resume_equal = out == ref and skipped and 0 < len(before) < len(after)
         print(f"driver killed after {len(before)} of {len(after)} shards; resumed on Ray in {t_resume:.2f} s "

@@ -518,6 +518,22 @@ class PositionTracker:
         return sel
 
 
+_CACHE_KWARG: dict[type, str] = {}
+
+
+def cache_kwarg(hf_model) -> str:
+    """The keyword a transformers model's ``forward`` takes its KV cache under: ``"cache"`` (transformers
+    >= 5.24; ``past_key_values`` still works there but is deprecated, to be removed in 5.40) or
+    ``"past_key_values"`` (5.23)."""
+    import inspect
+
+    tp = type(hf_model)
+    if tp not in _CACHE_KWARG:
+        params = inspect.signature(hf_model.forward).parameters
+        _CACHE_KWARG[tp] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KWARG[tp]
+
+
 def _cache_kwarg_shim(model) -> None:
     """Let the bridge's attention see the KV cache whatever transformers calls it (once per model).
 
@@ -705,7 +721,7 @@ class HookPlan:
         saved = [layers[i] for i in range(layer)]
         kw: dict[str, Any] = {"use_cache": False}
         if prefix:
-            kw = {"past_key_values": prefix_kv.cache(), "use_cache": True}
+            kw = {cache_kwarg(self.model.hf_model): prefix_kv.cache(), "use_cache": True}
         if logits_to_keep:
             kw["logits_to_keep"] = int(logits_to_keep)
         skip = _PassThrough()

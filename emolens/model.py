@@ -87,7 +87,8 @@ def _load_embedded(name: str, dtype: torch.dtype):
         log.warning("emolens: first load of %s: dequantising %s and caching it under %s (once).",
                     name, gguf.name, target)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                  use_kernels=False)
         # The weights are already plain fp32; drop the GGUF marker so save_pretrained works.
         if hasattr(hf.config, "quantization_config"):
             del hf.config.quantization_config
@@ -104,7 +105,7 @@ def _load_embedded(name: str, dtype: torch.dtype):
             hf = hf.to(dtype)
         return hf, tok
     tok = AutoTokenizer.from_pretrained(target)
-    hf = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    hf = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, use_kernels=False)
     return hf, tok
 
 
@@ -170,7 +171,12 @@ def _load_hf(name: str, dtype: torch.dtype, trust_remote_code: bool, device_map=
 
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        extra = {"device_map": device_map} if device_map is not None else {}
+        # use_kernels=False: the model's own modules, which the hooks sit on. transformers >= 5.25 otherwise
+        # swaps layers for Hub kernels by default (downloaded; other numerics; raises without `kernels`);
+        # <= 5.24 already defaulted to False.
+        extra: dict = {"use_kernels": False}
+        if device_map is not None:
+            extra["device_map"] = device_map
         if max_memory is not None:
             extra["max_memory"] = max_memory
         hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code, **extra)

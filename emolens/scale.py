@@ -27,9 +27,11 @@ How it works
   batch order: the float64 sums (hence the means) are bitwise the local ones; greedy generation
   is bitwise too (same batches, same thread count); patching agrees to float rounding (<= 1e-6:
   patched cells share a stacked forward pass with other cells, as locally, but not always the same ones).
-- **Faults.** With ``run_dir``, every finished shard is written atomically
-  (:mod:`emolens.io`) to ``run_dir/shards/``; a rerun with ``resume=True`` loads shards whose
-  fingerprint matches and recomputes the others. A killed worker process is restarted by Ray
+- **Faults.** With ``run_dir``, every finished shard is recorded in ``run_dir/shards/`` exactly like
+  a pipeline step (:class:`ShardStore`: files published atomically, marker last, file hashes
+  checked); inside a pipeline step the shards go to the step's ``ROOT/.shards/STEP/`` instead. A
+  rerun with ``resume=True`` loads shards whose fingerprint matches and whose files verify, and
+  recomputes the others (a damaged shard is logged with its reason, never a crash). A killed worker process is restarted by Ray
   (``max_restarts``) and its shard retried (``max_task_retries``); a worker that is gone for good
   has its shard re-queued on the others.
 
@@ -56,6 +58,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -97,6 +100,8 @@ class ScaleConfig:
         shard_size: prompts (or cells, or grid points) per shard; prompt shards are rounded up
             to a multiple of ``batch_size``. Default: about 4 shards per worker.
         run_dir: folder for finished shards (``run_dir/shards/``); ``None`` keeps them in memory.
+            Work started inside a pipeline step records its shards in the step's folder
+            (``ROOT/.shards/STEP/``, :func:`emolens.pipelines.engine.current_shard_dir`) instead.
         resume: reuse finished shards in ``run_dir`` whose fingerprint matches.
         max_restarts, max_task_retries: Ray restarts of a dead actor and retries of its task.
         model_kwargs: extra :func:`~emolens.load_model` arguments for the workers (``device``,
@@ -234,48 +239,66 @@ class Shard:
 
 
 class ShardStore:
-    """Finished shards under ``root``: ``NAME.safetensors`` (tensors) and ``NAME.json`` (fingerprint, info).
+    """Finished shards under ``root``, stored and checked exactly like pipeline steps
+    (:func:`emolens.pipelines.engine.commit_record`):
 
-    The tensors are written first and the JSON marker last, each atomically, so a shard is
-    either complete or absent. :meth:`done` is true only for a marker whose fingerprint matches.
+    - ``root/NAME.safetensors`` (tensors) and ``root/NAME.info.json`` (the JSON-able info);
+    - ``root/steps/NAME.json``: the marker, written last, with the shard's fingerprint and the
+      sha256 of both files.
+
+    A shard is *done* only when its marker holds the shard's fingerprint and both files still hash to
+    what it recorded; a missing, empty or corrupt marker, or a missing, truncated or changed file,
+    makes it "not done" (recomputed, with the reason logged), never a crash.
     """
 
     def __init__(self, root: str | Path, *, resume: bool = True):
+        from .pipelines import engine
+
         self.root = Path(root)
         self.resume = resume
         self.root.mkdir(parents=True, exist_ok=True)
+        # a leftover staging folder is a crash's half-written shard: never read, removed now
+        shutil.rmtree(self.root / ".staging", ignore_errors=True)
+        self._engine = engine
+        self._old: dict[str, dict | None] = {}
 
-    def _paths(self, name: str) -> tuple[Path, Path]:
-        base = self.root / name
-        return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
+    def status(self, shard: Shard) -> str | None:
+        """``None`` when ``shard`` is finished here and reusable; otherwise why it must be computed."""
+        old, reason = self._engine.record_status(self.root, shard.name, shard.fingerprint, resume=self.resume)
+        self._old[shard.name] = old
+        return reason
 
     def done(self, shard: Shard) -> bool:
-        if not self.resume:
-            return False
-        data, marker = self._paths(shard.name)
-        if not (marker.exists() and data.exists()):
-            return False
-        try:
-            return json.loads(marker.read_text()).get("fingerprint") == shard.fingerprint
-        except (OSError, ValueError):
-            return False
+        return self.status(shard) is None
 
     def save(self, shard: Shard, tensors: dict, info: Any, seconds: float = 0.0) -> None:
-        data, marker = self._paths(shard.name)
-        io.write_safetensors(data, tensors or {"__empty__": torch.zeros(0)})
-        io.write_json(marker, {"fingerprint": shard.fingerprint, "seconds": round(seconds, 3), "info": info},
-                      indent=None, default=None)
+        e = self._engine
+        old = self._old.pop(shard.name, None)
+        if old is None:  # files of an older record of this name that the new one does not rewrite are removed
+            old, _ = e.record_status(self.root, shard.name, shard.fingerprint)
+        staging = e.begin_record(self.root, shard.name)
+        base = staging / shard.name
+        base.parent.mkdir(parents=True, exist_ok=True)
+        data, meta = base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".info.json")
+        data.write_bytes(io.safetensors_bytes(tensors or {"__empty__": torch.zeros(0)}))
+        meta.write_text(json.dumps(info))
+        e.commit_record(self.root, shard.name, staging, fingerprint=shard.fingerprint, parts={"shard": shard.name},
+                        outputs={"tensors": {"kind": "safetensors"}, "info": {"kind": "json"}}, seconds=seconds,
+                        old=old)
 
     def load(self, shard: Shard) -> tuple[dict, Any]:
         from safetensors.torch import load_file
 
-        data, marker = self._paths(shard.name)
-        t = load_file(str(data))
+        base = self.root / shard.name
+        t = load_file(str(base.with_name(base.name + ".safetensors")))
         t.pop("__empty__", None)
-        return t, json.loads(marker.read_text())["info"]
+        return t, json.loads(base.with_name(base.name + ".info.json").read_text())
 
     def names(self) -> list[str]:
-        return sorted(str(p.relative_to(self.root).with_suffix("")) for p in self.root.rglob("*.json"))
+        """Names of the shards with a readable marker (finished, unless a file was damaged since)."""
+        steps = self.root / "steps"
+        return sorted(str(p.relative_to(steps).with_suffix("")) for p in steps.rglob("*.json")
+                      if self._engine._read_marker(self.root, str(p.relative_to(steps).with_suffix(""))))
 
 
 # =========================================================================================
@@ -513,16 +536,31 @@ def shutdown() -> None:
 def _execute(model: Any, cfg: ScaleConfig, job: str, shards: list[Shard], shared: dict,
              progress: bool = False) -> list[tuple[dict, Any]]:
     """Run ``shards`` (skipping finished ones in the run folder); outputs in shard order."""
-    store = ShardStore(Path(cfg.run_dir) / "shards", resume=cfg.resume) if cfg.run_dir else None
+    from .pipelines.engine import current_shard_dir
+
+    # inside a pipeline step the shards belong to the step (its --resume skips them); else cfg.run_dir
+    step_dir = current_shard_dir()
+    if step_dir is not None:
+        store = ShardStore(step_dir, resume=True)  # the engine clears the folder when the step runs with resume off
+    else:
+        store = ShardStore(Path(cfg.run_dir) / "shards", resume=cfg.resume) if cfg.run_dir else None
     out: dict[str, tuple[dict, Any]] = {}
-    todo = []
+    todo, why = [], []
     for sh in shards:
-        if store is not None and store.done(sh):
-            out[sh.name] = store.load(sh)
-        else:
-            todo.append(sh)
+        reason = store.status(sh) if store is not None else "no run folder"
+        if reason is None:
+            try:
+                out[sh.name] = store.load(sh)
+                continue
+            except Exception as e:  # noqa: BLE001 - verified files that still fail to load: recompute
+                reason = f"unreadable ({type(e).__name__}: {e})"
+        todo.append(sh)
+        if reason not in ("not run yet", "no run folder", "resume off"):
+            why.append(f"{sh.name} ({reason})")
     if store is not None and len(out):
         log.info("emolens: %s: %d of %d shards reused from %s", job, len(out), len(shards), store.root)
+    if why:
+        log.warning("emolens: %s shards recomputed: %s", job, "; ".join(why))
     LAST_RUN.clear()
     LAST_RUN.update(job=job, shards=len(shards), reused=len(shards) - len(todo), worker_seconds=0.0, wall_seconds=0.0)
     if todo:

@@ -68,8 +68,9 @@ def test_embedded_bridge_equals_raw_hf(smol):
 
     from emolens.model import cache_dir
 
+    # plain modules, as emolens loads them (transformers >= 5.25 would otherwise default to Hub kernels)
     ref = AutoModelForCausalLM.from_pretrained(cache_dir() / "models" / "smollm2-135m-instruct",
-                                               dtype=torch.float32).eval()
+                                               dtype=torch.float32, use_kernels=False).eval()
     b = smol.encode(["Tell me about your day."])
     with torch.no_grad():
         want = ref(input_ids=b.input_ids).logits

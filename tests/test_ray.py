@@ -7,6 +7,7 @@ and a resumed rerun that skips finished shards.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -122,7 +123,7 @@ def test_use_backend_routes_pipeline_generations_through_ray(tiny_llama, cluster
     with scale.use_backend(_cfg(cluster, run_dir=str(tmp_path))):  # what `emolens run --backend ray` sets
         dist = generate_replies(m, PROMPTS_20, [None] * 20, gen_kwargs=gk, batch_size=4)
     assert dist == local
-    assert len(list((tmp_path / "shards").rglob("*.json"))) == 5 and scale.LAST_RUN["shards"] == 5
+    assert len(scale.ShardStore(tmp_path / "shards").names()) == 5 and scale.LAST_RUN["shards"] == 5
     assert scale.active_backend() is None
 
 
@@ -140,7 +141,7 @@ def test_worker_killed_mid_run_still_gives_identical_results(tiny_llama, cluster
 
     th = threading.Thread(target=job)
     th.start()
-    shards = lambda: list((tmp_path / "shards").rglob("*.json"))  # noqa: E731
+    shards = lambda: list((tmp_path / "shards" / "steps").rglob("*.json"))  # noqa: E731 (shard markers)
     t0 = time.time()
     while len(shards()) < 2 and time.time() - t0 < 60:
         time.sleep(0.05)
@@ -185,24 +186,27 @@ def test_killed_driver_then_resume_skips_finished_shards(tiny_llama, cluster, tm
     proc = subprocess.Popen([sys.executable, "-c", _DRIVER, str(tmp_path)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     shard_dir = tmp_path / "shards"
+    markers = shard_dir / "steps"
     t0 = time.time()
-    while len(list(shard_dir.rglob("*.json"))) < 3 and time.time() - t0 < 90 and proc.poll() is None:
+    while len(list(markers.rglob("*.json"))) < 3 and time.time() - t0 < 90 and proc.poll() is None:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = {p: p.stat().st_mtime_ns for p in shard_dir.rglob("*.json")}
+    done = {p: p.stat().st_mtime_ns for p in markers.rglob("*.json")}
     assert 3 <= len(done) < 8, proc.stdout.read().decode()[-2000:]  # 8 shards in all: killed part-way
-    for marker in done:  # atomic writes: every visible marker is complete and has its data
-        assert json.loads(marker.read_text())["fingerprint"] and marker.with_suffix(".safetensors").exists()
+    for marker in done:  # atomic writes: every visible marker is complete and its files hash to what it records
+        rec = json.loads(marker.read_text())
+        assert rec["fingerprint"] and len(rec["files"]) == 2
+        assert all(hashlib.sha256((shard_dir / rel).read_bytes()).hexdigest() == sha for rel, sha in rec["files"].items())
     cfg = _cfg(cluster, shard_size=2, run_dir=str(tmp_path))
     texts = scale.generate_replies(m, prompts, gen_kwargs={"max_new_tokens": 8}, batch_size=2, backend=cfg)
     assert texts == generate_replies(m, prompts, [None] * 16, gen_kwargs={"max_new_tokens": 8}, batch_size=2)
-    after = {p: p.stat().st_mtime_ns for p in shard_dir.rglob("*.json")}
+    after = {p: p.stat().st_mtime_ns for p in markers.rglob("*.json")}
     assert len(after) == 8
     assert all(after[p] == t for p, t in done.items())  # finished shards were loaded, not recomputed
     # another config (more new tokens) is a new job: nothing reused, all its shards computed
     scale.generate_replies(m, prompts, gen_kwargs={"max_new_tokens": 9}, batch_size=2, backend=cfg)
-    assert len(list(shard_dir.rglob("*.json"))) == 16
+    assert len(list(markers.rglob("*.json"))) == 16
 
 
 def test_shard_store_reuses_only_matching_fingerprints(tmp_path):
@@ -218,7 +222,7 @@ def test_shard_store_reuses_only_matching_fingerprints(tmp_path):
     assert not scale.ShardStore(tmp_path, resume=False).done(a)
     (tmp_path / "job" / "00000.safetensors").unlink()  # data gone: the marker alone is not a finished shard
     assert not store.done(a)
-    meta = json.loads((tmp_path / "job" / "00000.json").read_text())
+    meta = json.loads((tmp_path / "steps" / "job" / "00000.json").read_text())
     assert meta["fingerprint"] == a.fingerprint
 
 

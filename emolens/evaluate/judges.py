@@ -216,7 +216,8 @@ class MiniLMEncoder:
         hf_logging.disable_progress_bar()  # no "Loading weights" bar for a 90 MB encoder
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
-            self.model = AutoModel.from_pretrained(str(self.model_dir), local_files_only=True).to(device).eval()
+            self.model = AutoModel.from_pretrained(str(self.model_dir), local_files_only=True,
+                                                   use_kernels=False).to(device).eval()  # see emolens.model
         finally:
             if bar:
                 hf_logging.enable_progress_bar()

@@ -23,12 +23,16 @@ file with :func:`emolens.io.publish` (fsync + rename) and writes the marker last
 point leaves either a valid marker whose files hash correctly, or no valid marker (the step is
 recomputed). A corrupt or empty marker or output is treated as missing, never as a crash.
 
-Scale-out note: a step only touches its declared inputs and its own folder, so a shard of work can
-become a step (or a Ray task that returns the step's outputs) without changing this contract.
+Shards are records of the same kind: :mod:`emolens.scale` stores each finished shard of sharded work
+with :func:`record_status` / :func:`begin_record` / :func:`commit_record` (marker last, files
+hash-checked), and work started inside a step records its shards in ``ROOT/.shards/STEP/``
+(:func:`current_shard_dir`), so rerunning an unfinished step skips its finished shards; the folder is
+removed once the step's own marker is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -49,7 +53,8 @@ from ..sections import Section
 log = logging.getLogger("emolens")
 
 __all__ = ["Step", "Context", "StepLog", "PipelineConfig", "run_steps", "register_kind", "model_fingerprint",
-           "hash_source", "RunFolder"]
+           "hash_source", "RunFolder", "record_status", "begin_record", "commit_record", "current_shard_dir",
+           "shard_folder"]
 
 ENGINE_VERSION = 1
 
@@ -471,6 +476,10 @@ def _why(old: dict | None, new: dict) -> str:
     if old is None:
         return "not run yet"
     op = old.get("parts", {})
+    if not isinstance(op, dict):
+        op = {}
+    if not isinstance(new, dict) or "config" not in new:  # a record without step parts (e.g. a shard)
+        return "fingerprint changed"
     reasons = []
     if op.get("model") != new["model"]:
         reasons.append("model changed")
@@ -502,6 +511,82 @@ def _publish(staging: Path, root: Path, step: str) -> dict[str, str]:
         if i == 0:
             _crash_hook(step, "publishing")
     return files
+
+
+# -----------------------------------------------------------------------------------------
+# Records: how a step (or a shard of work, emolens.scale) is stored and checked
+# -----------------------------------------------------------------------------------------
+def record_status(root: str | Path, name: str, fingerprint: str, parts: dict | None = None, *,
+                  resume: bool = True) -> tuple[dict | None, str | None]:
+    """Whether the record ``name`` under ``root`` (marker ``root/steps/NAME.json``) can be reused.
+
+    Returns ``(marker, None)`` when its marker holds ``fingerprint`` and every file it lists still has
+    its recorded sha256; otherwise ``(marker or None, reason)`` with the reason it must be computed
+    (``"not run yet"``, ``"marker empty or corrupt"``, what changed, ``"output F is missing"``,
+    ``"output F changed or is corrupt"``, ``"resume off"``). Never raises on a damaged record.
+    """
+    root = Path(root)
+    old = _read_marker(root, name)
+    if not resume:
+        return old, "resume off"
+    if old is None:
+        return None, "not run yet" if not _marker_path(root, name).exists() else "marker empty or corrupt"
+    if old["fingerprint"] != fingerprint:
+        return old, _why(old, parts if parts is not None else {})
+    return old, _outputs_ok(root, old)
+
+
+def begin_record(root: str | Path, name: str) -> Path:
+    """Start (re)computing the record ``name``: forget its marker (a crash from here on leaves it "not
+    done") and return an empty staging folder ``root/.staging/NAME/`` to write its files into, laid out
+    as they will be under ``root``."""
+    root = Path(root)
+    _marker_path(root, name).unlink(missing_ok=True)
+    staging = root / ".staging" / name
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def commit_record(root: str | Path, name: str, staging: Path, *, fingerprint: str, parts: Any, outputs: dict,
+                  seconds: float = 0.0, old: dict | None = None) -> dict:
+    """Publish every file under ``staging`` to ``root`` (:func:`emolens.io.publish`: fsync, rename), remove
+    files of the ``old`` marker that were not rewritten, and write the marker last (atomically).
+
+    The marker holds ``fingerprint``, ``parts`` (what the fingerprint hashed, for the reasons
+    :func:`record_status` gives), ``outputs`` (name -> ``{"kind": ...}``), ``files`` (path -> sha256),
+    ``outputs_hash`` and ``seconds``. Returns the marker.
+    """
+    root = Path(root)
+    files = _publish(Path(staging), root, name)
+    if old:
+        for rel in old.get("files", {}):
+            if rel not in files:
+                (root / rel).unlink(missing_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    marker = {"fingerprint": fingerprint, "parts": parts, "outputs": outputs, "files": files,
+              "outputs_hash": _sha(files), "seconds": round(seconds, 3)}
+    _crash_hook(name, "marker")
+    io.write_json(_marker_path(root, name), marker)
+    return marker
+
+
+SHARDS = ".shards"
+_SHARD_DIRS: list[Path] = []
+
+
+def shard_folder(root: str | Path, step: str) -> Path:
+    """Where the shards of step ``step`` of the pipeline folder ``root`` are recorded while it runs."""
+    return Path(root) / SHARDS / step
+
+
+def current_shard_dir() -> Path | None:
+    """The shard folder of the step running now (``ROOT/.shards/STEP/``), ``None`` outside a step.
+
+    :mod:`emolens.scale` records the shards of work a step starts there, so a rerun of an unfinished
+    step (``--resume``) skips its finished shards; the folder is removed once the step is done.
+    """
+    return _SHARD_DIRS[-1] if _SHARD_DIRS else None
 
 
 def run_steps(steps: Sequence[Step], model, config: PipelineConfig, root: str | Path, *, progress: bool = True,
@@ -537,16 +622,7 @@ def run_steps(steps: Sequence[Step], model, config: PipelineConfig, root: str | 
     for s in steps:
         parts = _parts(s, cfg_dict, mfp, root)
         fp = _sha(parts)
-        old = _read_marker(root, s.name)
-        reason = None
-        if not resume:
-            reason = "resume off"
-        elif old is None:
-            reason = "not run yet" if not _marker_path(root, s.name).exists() else "marker empty or corrupt"
-        elif old["fingerprint"] != fp:
-            reason = _why(old, parts)
-        else:
-            reason = _outputs_ok(root, old)
+        old, reason = record_status(root, s.name, fp, parts, resume=resume)
         if reason is None:
             ctx.log[s.name] = StepLog(s.name, "reused", "fingerprint and outputs match", float(old.get("seconds", 0)))
             if on_step:
@@ -554,20 +630,20 @@ def run_steps(steps: Sequence[Step], model, config: PipelineConfig, root: str | 
             continue
         recomputed.append(f"{s.name} ({reason})")
         log.info("emolens: %s step %r recomputes: %s", label, s.name, reason)
-        # forget the old marker first: a crash from here on leaves the step "not done"
-        with_old = old
-        _marker_path(root, s.name).unlink(missing_ok=True)
         for k in [k for k in ctx._cache if k.startswith(f"{s.name}.")]:
             ctx._cache.pop(k, None)
-        staging = root / ".staging" / s.name
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        staging = begin_record(root, s.name)
+        shards = shard_folder(root, s.name)
+        if not resume:  # resume off: shards of an earlier, unfinished run of this step are not reused either
+            shutil.rmtree(shards, ignore_errors=True)
         ctx._staging, ctx._current = staging, s
         _crash_hook(s.name, "start")
         t0 = time.time()
+        _SHARD_DIRS.append(shards)
         try:
             outs = s.fn(ctx) or {}
         finally:
+            _SHARD_DIRS.pop()
             ctx._staging, ctx._current = None, None
         out_kinds = {}
         for name, obj in outs.items():
@@ -581,17 +657,11 @@ def run_steps(steps: Sequence[Step], model, config: PipelineConfig, root: str | 
         for name in out_kinds:
             if (staging / name).is_dir():
                 shutil.rmtree(root / name, ignore_errors=True)
-        files = _publish(staging, root, s.name)
-        # files of the previous version of this step that the new one did not write
-        if with_old:
-            for rel in with_old.get("files", {}):
-                if rel not in files:
-                    (root / rel).unlink(missing_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        marker = {"fingerprint": fp, "parts": parts, "outputs": out_kinds, "files": files,
-                  "outputs_hash": _sha(files), "seconds": round(seconds, 3)}
-        _crash_hook(s.name, "marker")
-        io.write_json(_marker_path(root, s.name), marker)
+        commit_record(root, s.name, staging, fingerprint=fp, parts=parts, outputs=out_kinds, seconds=seconds, old=old)
+        # the step's outputs now hold what its shards computed; their records are no longer needed
+        shutil.rmtree(shards, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            shards.parent.rmdir()  # ROOT/.shards, once empty
         ctx.log[s.name] = StepLog(s.name, "computed", reason, seconds)
         if on_step:
             on_step(ctx.log[s.name])
@@ -715,7 +785,7 @@ def diff_outputs(a: str | Path, b: str | Path) -> list[str]:
     a, b = Path(a), Path(b)
 
     def files(root: Path) -> set[str]:
-        skip = ("steps", ".staging", "sections")
+        skip = ("steps", ".staging", SHARDS, "sections")
         return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()
                 and not any(part in skip for part in p.relative_to(root).parts)
                 and p.name not in (RUN_MARKER, "report.html")}
