@@ -181,7 +181,8 @@ def _run(args) -> int:
     sections, failure = [], None
     from .scale import config_from_args, use_backend
 
-    backend = config_from_args(args, run_dir / "scale")  # None = local; finished shards under RUN/scale/shards
+    # None = local; a pipeline step records its finished shards in RUN/paperN/.shards/STEP (RUN/scale: others)
+    backend = config_from_args(args, run_dir / "scale")
     if backend is not None:
         settings["backend"] = f"{backend.backend} ({backend.address or 'local cluster'})"
     for name, mod in mods.items():

@@ -13,7 +13,7 @@ import torch
 from jaxtyping import Float
 
 from ..errors import InputError, SiteError
-from ..interventions import HookPlan, Intervention, Reader
+from ..interventions import HookPlan, Intervention, Reader, cache_kwarg
 
 __all__ = ["unwrap", "layer_module", "w_out", "w_o", "post_attn_norm", "post_mlp_norm", "final_norm",
            "PrefixStepper", "StopForward", "forward_reads"]
@@ -149,12 +149,13 @@ class PrefixStepper:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=model.hf_model.config)
+        self._ckw = cache_kwarg(model.hf_model)  # 'cache' from transformers 5.24 ('past_key_values' goes in 5.40)
         plan = HookPlan(model, [], self._stop_readers())
         plan.tracker.set_batch(batch)
         try:
             with plan.hooks(), torch.no_grad():
                 model.hf_model(input_ids=batch.input_ids[:, :-1], attention_mask=batch.attention_mask[:, :-1],
-                               position_ids=batch.position_ids[:, :-1], past_key_values=cache, use_cache=True)
+                               position_ids=batch.position_ids[:, :-1], use_cache=True, **{self._ckw: cache})
         except StopForward:
             pass
         if self.repeats > 1:
@@ -185,8 +186,8 @@ class PrefixStepper:
         try:
             with plan.hooks(), torch.no_grad():
                 out = self.model.hf_model(input_ids=b.input_ids[:, -1:], attention_mask=b.attention_mask,
-                                          position_ids=b.position_ids[:, -1:], past_key_values=cache,
-                                          use_cache=True)
+                                          position_ids=b.position_ids[:, -1:], use_cache=True,
+                                          **{self._ckw: cache})
         except StopForward:
             pass
         finally:
