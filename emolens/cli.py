@@ -251,7 +251,7 @@ def _delegate(pipeline: str, fn: str, what: str, args) -> int:
     from .errors import MissingDependencyError
 
     mod = _pipeline(pipeline)
-    if mod is None or not hasattr(mod, fn) or hasattr(args, "rest"):
+    if mod is None or not hasattr(mod, fn):
         raise MissingDependencyError(f"`emolens {what}` needs emolens.pipelines.{pipeline}.{fn}, which this build "
                                      "does not have yet; update emolens or use the Python API.")
     return getattr(mod, fn)(args) or 0

@@ -881,22 +881,10 @@ def add_steer_args(p) -> None:
 
 def steer_cli(args) -> int:
     """``emolens steer``: print the unsteered and the steered reply to one prompt."""
-    import argparse
 
     import emolens
     from ..datasets import load_contrastive_pairs
 
-    if hasattr(args, "rest"):  # delegated from emolens.cli with the options unparsed
-        p = argparse.ArgumentParser(prog="emolens steer", description="Steer one chat reply with an emotion vector.")
-        add_steer_args(p)
-        rest = list(args.rest or [])
-        if rest and rest[0] == "--":  # `emolens steer --model M -- --prompt ...`
-            rest = rest[1:]
-        if getattr(args, "model", None):
-            rest = ["--model", args.model] + rest
-        if getattr(args, "device", None):
-            rest = ["--device", args.device] + rest
-        args = p.parse_args(rest)
     m = emolens.load_model(args.model, device=args.device)
     emotions = [e.strip() for e in args.emotion.split(",") if e.strip()]
     if not emotions:

@@ -1262,22 +1262,12 @@ def config_from_args(m, args) -> Paper2Config:
 def circuit_cli(args) -> int:
     """``emolens circuit``: run the paper-2 pipeline and write a report into a run folder (``--resume DIR``
     continues one)."""
-    import argparse
     import time
 
     import emolens
     from .. import report
     from .engine import RunFolder
 
-    if hasattr(args, "rest"):  # delegated from emolens.cli with the options unparsed
-        p = argparse.ArgumentParser(prog="emolens circuit", description="Emotion circuits (paper 2).")
-        add_circuit_args(p)
-        rest = [a for i, a in enumerate(args.rest or []) if not (i == 0 and a == "--")]
-        if getattr(args, "model", None):
-            rest = ["--model", args.model] + rest
-        if getattr(args, "device", None):
-            rest = ["--device", args.device] + rest
-        args = p.parse_args(rest)
     m = emolens.load_model(args.model, device=args.device)
     cfg = config_from_args(m, args)
     make_judge(cfg)
