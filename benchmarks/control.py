@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--judge-url", default=None)
     ap.add_argument("--judge-model", default="gpt-4o-mini")
     ap.add_argument("--judge-eval", default=None, help="labelled held-out sentences (text, emotion; JSONL/CSV/parquet "
-                    "or a datasets folder) the judges' accuracy is measured on (default: emolens/data/judge_eval.jsonl)")
+                    "or a datasets folder) the judges' accuracy is measured on (default: "
+                    "emolens/data/judge_eval.jsonl)")
     ap.add_argument("--out", default=os.environ.get("EMOLENS_BENCH_OUT", "/tmp/emolens-bench-control"))
     args = ap.parse_args(argv)
     t_all = time.time()
