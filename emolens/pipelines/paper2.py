@@ -16,6 +16,8 @@ inputs are unchanged; the ``step_*`` functions are the same computations with ex
 6. :func:`step_circuits` - global circuit per emotion (budget, quotas, cap), saved as JSON.
 7. :func:`step_modulate` - circuit modulation during generation (no emotion instruction).
 8. Accuracy tables per emotion and per valence: prompting vs steering vs circuit.
+9. :func:`judge_step` - the judge's own accuracy on held-out labelled sentences (``judge_eval``,
+   default the packaged ``judge_eval.jsonl``): how far its verdicts above can be trusted.
 
 Every hyperparameter lives in :class:`Paper2Config` with the paper's value as default, except the
 steering and circuit strengths, which are calibrated in every run on the analysis split (fluency
