@@ -112,6 +112,9 @@ def main(argv=None) -> int:
     ap.add_argument("--paper-prompt", action="store_true", help="use the paper's neutral system prompt")
     ap.add_argument("--judge-url", default=None)
     ap.add_argument("--judge-model", default="gpt-4o-mini")
+    ap.add_argument("--judge-eval", default=None, help="labelled held-out sentences (text, emotion; JSONL/CSV/parquet "
+                    "or a datasets folder) the judges' accuracy is measured on (default: "
+                    "emolens/data/judge_eval.jsonl)")
     ap.add_argument("--out", default=os.environ.get("EMOLENS_BENCH_OUT", "/tmp/emolens-bench-control"))
     args = ap.parse_args(argv)
     t_all = time.time()
@@ -175,10 +178,11 @@ def main(argv=None) -> int:
     ens = JudgeEnsemble(judges)
     judge_rows = []
     for name, j in judges.items():
-        acc, conf = evaluate_judge(j)  # project's labelled held-out set, disjoint from every SEV prompt
+        acc, conf = evaluate_judge(j, args.judge_eval)  # default: the project's held-out set, disjoint from SEV
         judge_rows.append({"judge": name, "acc": acc, "n": conf.attrs["n"],
-                           **{e: conf.attrs["per_emotion_accuracy"][e] for e in EMOS}})
-    log("judge accuracy on judge_eval.jsonl:\n" + pd.DataFrame(judge_rows).round(3).to_string(index=False))
+                           **{e: conf.attrs["per_emotion_accuracy"].get(e, float("nan")) for e in EMOS}})
+    judge_set = args.judge_eval or "judge_eval.jsonl"
+    log(f"judge accuracy on {judge_set}:\n" + pd.DataFrame(judge_rows).round(3).to_string(index=False))
 
     # ---------------------------------------------------------------- analysis
     adir = acache.dir
@@ -386,7 +390,7 @@ def main(argv=None) -> int:
     judge_cols = [f"{n}_match" for n in ens.names] + ["majority"]
 
     # ---------------------------------------------------------------- report
-    print("\n## Judges on the project's labelled held-out set (judge_eval.jsonl, n = 192)")
+    print(f"\n## Judges on the labelled held-out set ({judge_set}, n = {judge_rows[0]['n']})")
     jt = pd.DataFrame(judge_rows)
     jt[["acc", *EMOS]] = (100 * jt[["acc", *EMOS]]).round(1)
     print(jt.to_string(index=False))

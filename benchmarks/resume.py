@@ -1,10 +1,13 @@
 """Kill -9 at random moments of `emolens run --quick` on the embedded model, resume, compare.
 
 1. An uninterrupted run (`emolens run --quick --name ref`), timed.
-2. The same command in another folder, SIGKILLed at ``--kills`` moments: two at fixed points inside file
+2. The same command in another folder, SIGKILLed ``--kills`` times: two at fixed points inside file
    writes (``EMOLENS_CRASH_AT=step:publishing``: after the first of a step's files is renamed into place,
-   before the rest and before its marker), the others after a random delay; after each kill the next
-   process is ``emolens run --quick --resume DIR``. A last ``--resume`` finishes the run.
+   before the rest and before its marker), the others each at a random moment inside a randomly drawn
+   unfinished step that is not the last one left (a random fraction of that step's duration in the
+   uninterrupted run after its staging folder appears, or at once when its marker appears first), so
+   every process dies mid-run whatever the machine's load; after each kill the next process is
+   ``emolens run --quick --resume DIR``. A last ``--resume`` finishes the run.
 3. Every output file is compared with the uninterrupted run's (tables as data, everything else byte for
    byte), and every step marker's fingerprint and output hashes with the reference's.
 
@@ -70,17 +73,15 @@ def main(argv=None) -> int:
             print(r.stderr[-3000:])
             return 1
         print(f"uninterrupted run: {t_ref:.0f} s", flush=True)
-    # startup (imports + model load) before any step runs
-    t0 = time.time()
-    subprocess.run([sys.executable, "-c", f"import emolens; emolens.load_model({args.model!r}, device='cpu')"],
-                   env=env, cwd=ROOT, capture_output=True)
-    t_start = time.time() - t0
-    print(f"startup: {t_start:.0f} s", flush=True)
+    # the step order and each step's duration, from the uninterrupted run
+    order = [(paper, step) for paper in ("paper1", "paper2")
+             for step in json.loads((ref / "run.json").read_text()).get("steps", {}).get(paper, {})]
+    ref_s = {(paper, step): _marker_seconds(ref, paper, step) for paper, step in order}
+    print(f"steps: {len(order)} ({', '.join(f'{p}/{s} {ref_s[p, s]:.0f}s' for p, s in order)})", flush=True)
 
     killed = out / "killed"
     killed_points, attempts = 0, []
     hooks = ["vectors:publishing", "stats:publishing"]
-    n_random = max(0, args.kills - len(hooks))
     for i in range(args.kills):
         cmd = base + (["--name", "killed"] if i == 0 else ["--resume", str(killed)])
         e = dict(env)
@@ -90,17 +91,16 @@ def main(argv=None) -> int:
             what = f"at {hooks[i]}"
             p.wait()
         else:
-            # spread the random kills over the run: each process gets its startup plus a random slice
-            # (slices short enough that every process is killed before the run can finish, even if the
-            # machine got faster than during the reference run)
-            delay = t_start + rng.uniform(0.1, 0.9) * (t_ref - t_start) / (n_random + 2)
+            # a random moment inside a step that is not the last one left: the target is drawn among the first
+            # (left - 1) // (kills to go) unfinished steps (so later processes still find steps to kill in);
+            # the kill comes a random fraction of the step's reference duration after its staging folder
+            # appears, or at once when its marker appears first (the machine ran faster than the reference)
+            left = [ps for ps in order if not _done(killed, *ps)]
+            span = max(1, (len(left) - 1) // (args.kills - i))
+            target = left[rng.randrange(min(span, len(left)))]
+            frac = rng.random()
             p = subprocess.Popen(cmd, env=e, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            try:
-                p.wait(timeout=delay)
-            except subprocess.TimeoutExpired:
-                p.send_signal(signal.SIGKILL)
-                p.wait()
-            what = f"after {delay:.0f} s"
+            what = _kill_inside(p, killed, target, frac * ref_s[target], frac, left[-1] == target)
         err = p.stderr.read() if p.stderr else ""
         if p.returncode == -signal.SIGKILL:
             killed_points += 1
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
             print(err[-3000:])
             return 1
         else:
-            what = f"not killed (finished before {what.split()[-2]} s)" if i >= len(hooks) else what
+            what = f"not killed: finished before the kill {what}"
         state = json.loads((killed / "run.json").read_text())
         done = sum(v["status"] in ("computed", "reused") for s in state.get("steps", {}).values() for v in s.values())
         attempts.append((what, p.returncode, done))
@@ -144,6 +144,43 @@ def main(argv=None) -> int:
     print(f"RESULT resume_equal={'true' if not diff and not leftovers else 'false'} stale_reused={stale} "
           f"killed_points={killed_points}")
     return 0
+
+
+def _marker_seconds(root: Path, paper: str, step: str) -> float:
+    try:
+        return float(json.loads((root / paper / "steps" / f"{step}.json").read_text()).get("seconds", 0.0))
+    except (OSError, ValueError):
+        return 0.0
+
+
+def _done(root: Path, paper: str, step: str) -> bool:
+    """The step has a valid marker (the engine writes markers atomically and last)."""
+    try:
+        return "fingerprint" in json.loads((root / paper / "steps" / f"{step}.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _kill_inside(p: subprocess.Popen, root: Path, target: tuple[str, str], delay: float, frac: float,
+                 last: bool) -> str:
+    """SIGKILL ``p`` ``delay`` s after step ``target`` starts (its staging folder appears), or as soon as its
+    marker appears, whichever is first; returns where the kill landed."""
+    paper, step = target
+    staging, began = root / paper / ".staging" / step, None
+    while p.poll() is None:
+        now = time.time()
+        if began is None and (staging.exists() or _done(root, paper, step)):
+            began = now
+        if _done(root, paper, step):
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            return f"just after {paper}/{step} finished (its marker appeared before {delay:.1f} s)"
+        if began is not None and now - began >= delay:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            return f"inside {paper}/{step}, {now - began:.1f} s in ({frac:.2f} of its reference time)"
+        time.sleep(0.02)
+    return f"inside {paper}/{step}" + (" (the last step)" if last else "")
 
 
 if __name__ == "__main__":

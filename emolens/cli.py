@@ -252,7 +252,7 @@ def _delegate(pipeline: str, fn: str, what: str, args) -> int:
     from .errors import MissingDependencyError
 
     mod = _pipeline(pipeline)
-    if mod is None or not hasattr(mod, fn) or hasattr(args, "rest"):
+    if mod is None or not hasattr(mod, fn):
         raise MissingDependencyError(f"`emolens {what}` needs emolens.pipelines.{pipeline}.{fn}, which this build "
                                      "does not have yet; update emolens or use the Python API.")
     return getattr(mod, fn)(args) or 0
@@ -265,6 +265,8 @@ def _delegate(pipeline: str, fn: str, what: str, args) -> int:
     'emolens steer --emotion joy --save-gguf joy.gguf',
     'emolens steer --vectors joy.gguf --mode rms --strength 0.5',
     'emolens steer --run runs/first --prompt "How was your weekend?"',
+    'emolens steer --prompt "How was your weekend?" --emotion joy --out runs --name weekend',
+    'emolens steer --prompt "How was your weekend?" --emotion joy --resume runs/weekend',
 ])(_pipeline_args("paper1", "add_steer_args"))
 def _steer(args) -> int:
     return _delegate("paper1", "steer_cli", "steer", args)

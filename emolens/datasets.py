@@ -65,6 +65,14 @@ dataset (paper 2, section 2.2), written from scratch for emolens::
 * ``skeleton_id`` must be unique within a file (a string; integers are converted).
   :func:`load_sev` also reads the original SEV files (``sev.jsonl``, ``test_set.jsonl``).
 
+``judge_train.jsonl`` / ``judge_eval.jsonl``: labelled sentences for the emotion judges
+(paper 2): the probe judge trains on the first, every judge's held-out accuracy is measured
+on the second (192 sentences, 32 per emotion, none of them in the training file)::
+
+    {"text": "How dare you speak to my mother like that!", "emotion": "anger"}
+
+* ``emotion``: one of :data:`EMOTIONS_SEV`; the training file may also use ``"neutral"``.
+
 :data:`SCHEMAS` holds the same information as a dict, for programs.
 """
 
@@ -94,6 +102,7 @@ __all__ = [
     "load_diagnostic_tasks",
     "load_openers",
     "load_sev",
+    "load_judge_labelled",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -120,7 +129,7 @@ SEV_SPLITS: tuple[str, ...] = ("analysis", "test")
 HELDOUT_EVERY: int = 4
 
 _RECORD_KIND = {"contrastive_pairs": "contrastive-pair", "diagnostic_tasks": "diagnostic-task",
-                "openers": "opener", "sev": "SEV"}
+                "openers": "opener", "sev": "SEV", "judge_labelled": "labelled-sentence"}
 _FIELD_PLACEHOLDER = {"event": '{"positive": "...", "neutral": "...", "negative": "..."}'}
 
 _DATA_PACKAGE = "emolens"
@@ -195,6 +204,18 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                               "negative": "My manager replied that half the figures were "
                                           "wrong."},
                     "skeleton_id": "work-a01"},
+    },
+    "judge_labelled": {
+        "file": {"train": "judge_train.jsonl", "eval": "judge_eval.jsonl"},
+        "loader": "load_judge_labelled",
+        "description": "Sentences labelled with the emotion they express: the probe judge's training set "
+                       "and the held-out set every judge's accuracy is measured on.",
+        "fields": {
+            "text": "str, the sentence",
+            "emotion": f"str, one of {', '.join(EMOTIONS_SEV)} (training set: or 'neutral')",
+        },
+        "required": ("text", "emotion"),
+        "example": {"text": "How dare you speak to my mother like that!", "emotion": "anger"},
     },
 }
 
@@ -677,3 +698,39 @@ def load_sev(path: PathLike | None = None, *, split: str = "analysis",
     return _to_dataset(rows, {"theme": "string", "scenario": "string",
                               "event": {v: "string" for v in SEV_VALENCES},
                               "skeleton_id": "string"})
+
+
+def load_judge_labelled(path: PathLike | None = None, *, split: str = "eval",
+                        columns: dict[str, str] | None = None,
+                        emotions: Iterable[str] | None = None) -> "datasets.Dataset":
+    """Load labelled sentences for the emotion judges.
+
+    Args:
+        path: a JSONL/CSV/parquet file or a Hugging Face ``datasets`` folder in the
+            ``judge_labelled`` schema (see :data:`SCHEMAS`); ``None`` loads the shipped
+            ``emolens/data/judge_<split>.jsonl``.
+        split: ``"eval"`` (held-out accuracy; labels from :data:`EMOTIONS_SEV`) or ``"train"``
+            (the probe judge's training set; ``"neutral"`` is allowed too).
+        columns: schema field -> your column name (e.g. ``{"text": "sentence", "emotion": "label"}``).
+        emotions: the labels allowed (default: as ``split`` says), e.g. a judge's ``emotions``.
+
+    Returns:
+        A ``datasets.Dataset`` with string columns ``text`` and ``emotion``, in file order.
+
+    Raises:
+        DataError: the file is missing, empty or unreadable; a record lacks ``text`` or
+            ``emotion``; or an emotion is not allowed (the message names the file and line).
+    """
+    schema = "judge_labelled"
+    if split not in ("eval", "train"):
+        raise DataError(f"split={split!r}: use 'eval' (held-out set) or 'train' (probe training set).")
+    allowed = (tuple(emotions) if emotions is not None
+               else EMOTIONS_SEV + (("neutral",) if split == "train" else ()))
+    source = _Source(path, SCHEMAS[schema]["file"][split], columns)
+    rows: list[dict[str, Any]] = []
+    for lineno, rec in _read_jsonl(source, schema):
+        text = _get_str(rec, "text", source, lineno, schema)
+        emo = _check_choice(_get_str(rec, "emotion", source, lineno, schema).strip().lower(), allowed, "emotion",
+                            source, lineno)
+        rows.append({"text": text, "emotion": emo})
+    return _to_dataset(rows, {"text": "string", "emotion": "string"})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -137,20 +136,22 @@ def test_quick_run_writes_report_raw_results_and_resumes(tiny_run):
     assert list(log["step"]) == ["locus", "vectors", "calibration", "evaluation"] and set(log["status"]) == {"reused"}
 
 
-def test_steer_cli_prints_both_replies(tiny_run, capsys):
+def test_steer_cli_prints_both_replies(tiny_run, tmp_path, capsys):
+    from emolens.cli import build_parser
     from emolens.pipelines.paper1 import steer_cli
 
-    rc = steer_cli(argparse.Namespace(model="tiny-llama", device="cpu",
-                                      rest=["--prompt", "Hello!", "--max-new-tokens", "5", "--layer", "1",
-                                            "--strength", "0.5"]))
+    def steer(*argv):  # the subcommand's own parser (emolens.cli.main's pass-through is tested in test_cli)
+        return steer_cli(build_parser("steer").parse_args(["--model", "tiny-llama", "--device", "cpu", "--out",
+                                                           str(tmp_path), "--no-progress", *argv]))
+
+    rc = steer("--prompt", "Hello!", "--max-new-tokens", "5", "--layer", "1", "--strength", "0.5")
     out = capsys.readouterr().out
     assert rc == 0 and "[unsteered]" in out and "[steered: +0.5 (norm)" in out
-    rc = steer_cli(argparse.Namespace(model="tiny-llama", device="cpu",
-                                      rest=["--run", str(tiny_run), "--max-new-tokens", "5", "--strength", "0.3"]))
+    rc = steer("--run", str(tiny_run), "--max-new-tokens", "5", "--strength", "0.3")
     out = capsys.readouterr().out
     assert rc == 0 and "joy_trust" in out
     with pytest.raises(InputError, match="paper-1"):
-        steer_cli(argparse.Namespace(model="tiny-llama", device="cpu", rest=["--run", str(tiny_run / "nope")]))
+        steer("--run", str(tiny_run / "nope"))
 
 
 @pytest.mark.integration

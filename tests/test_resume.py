@@ -277,13 +277,12 @@ def test_circuit_quick_evaluates_on_a_user_test_file(tmp_path, capsys):
     """`emolens circuit --quick --test-data FILE` evaluates on that file (CSV, mapped columns)."""
     import pandas as pd
 
-    import argparse
-
+    from emolens.cli import build_parser
     from emolens.errors import DataError
     from emolens.pipelines.paper2 import circuit_cli
 
     def main(argv):  # the subcommand's own parser (emolens.cli.main's pass-through is tested elsewhere)
-        return circuit_cli(argparse.Namespace(rest=argv[1:]))
+        return circuit_cli(build_parser(argv[0]).parse_args(argv[1:]))
 
     rows = [{"topic": f"pets-{i}", "id": f"my-{i}", "scenario": f"I adopted a cat named Tom number {i}.",
              "event.positive": "He purrs on my lap every evening.", "event.neutral": "He sleeps on the sofa.",

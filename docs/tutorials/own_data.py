@@ -8,13 +8,15 @@
 # |---|---|---|
 # | paper 2 analysis split | `analysis_data` / `--analysis-data` | SEV: `theme`, `scenario`, `event{positive, neutral, negative}`, `skeleton_id` |
 # | paper 2 test split | `test_data` / `--test-data` | SEV (as above) |
-# | paper 2 probe judge | `judge_train` / `--judge-train` | JSONL `text`, `label` |
+# | paper 2 probe judge's training set | `judge_train` / `--judge-train` | JSONL only: `text`, `emotion` (one of the six, or `neutral`) |
+# | paper 2 judge's held-out set (the accuracy table of step `judge`) | `judge_eval` / `--judge-eval` | `text`, `emotion` (one of the six) |
 # | paper 1 diagnostic tasks | `tasks_data` / `--tasks-data` | `prompt`, `aligned`, `misaligned`, `emotion` |
 # | paper 1 contrastive pairs | `pairs_data` / `--pairs-data` | `emotion`, `positive`, `negative` (`split` optional) |
 # | paper 1 openers | `openers_data` / `--openers-data` | `text` |
 #
 # In CSV/parquet, nested SEV fields are columns named `event.positive`, `event.neutral`,
-# `event.negative`; other column names map with `*_columns` (`--columns test:theme=topic`).
+# `event.negative`; other column names map with `*_columns` (`--columns test:theme=topic`,
+# `--columns judge_eval:text=sentence,emotion=label`).
 # Files are read and checked before any work; an error names the file, the line (CSV: the file's
 # line, header = 1) and the missing field. This tutorial writes a three-record SEV file, runs
 # paper 2 on it in a small configuration and evaluates on a CSV version of it.

@@ -747,17 +747,25 @@ def load_labelled(
 def evaluate_judge(
     judge: Judge,
     labelled: str | Path | pd.DataFrame | Iterable | None = None,
+    columns: dict[str, str] | None = None,
 ) -> tuple[float, pd.DataFrame]:
     """Accuracy of ``judge`` on labelled texts, and the confusion table (true emotion x judged label).
 
     Each text is judged against its true emotion, so accuracy = mean(match). ``labelled`` defaults to
-    the project's ``emolens/data/judge_eval.jsonl``. Rows follow :data:`EMOTIONS` order; columns are
-    the six emotions then any other labels the judge produced (``none``, ``neutral``, ``malformed``
-    ...). ``confusion.attrs`` holds ``per_emotion_accuracy`` and ``n``.
+    the project's ``emolens/data/judge_eval.jsonl``; a path may be a JSONL/CSV/parquet file or a
+    ``datasets`` folder in the ``judge_labelled`` schema (:func:`emolens.datasets.load_judge_labelled`,
+    ``columns`` maps its fields to your column names; errors name the file, line and field). Rows
+    follow :data:`EMOTIONS` order; columns are the six emotions then any other labels the judge
+    produced (``none``, ``neutral``, ``malformed`` ...). ``confusion.attrs`` holds
+    ``per_emotion_accuracy`` and ``n``.
     """
-    if labelled is None:
-        labelled = DATA_DIR / "judge_eval.jsonl"
-    pairs = load_labelled(labelled, allowed=judge.emotions)
+    if labelled is None or isinstance(labelled, (str, Path)):
+        from ..datasets import load_judge_labelled
+
+        ds = load_judge_labelled(labelled, split="eval", columns=columns, emotions=judge.emotions)
+        pairs = list(zip(ds["text"], ds["emotion"]))
+    else:
+        pairs = load_labelled(labelled, allowed=judge.emotions)
     texts = [t for t, _ in pairs]
     truth = [e for _, e in pairs]
     verdicts = judge.judge(texts, truth)

@@ -13,8 +13,10 @@ DATA_OPTIONS: dict[str, tuple[str, str, str]] = {
                         "circuits, calibration): JSONL/CSV/parquet file or a Hugging Face datasets folder"),
     "--test-data": ("paper2", "test_data", "SEV-format records paper 2 evaluates on (prompting vs steering vs "
                     "circuit): JSONL/CSV/parquet file or a datasets folder"),
-    "--judge-train": ("paper2", "judge_train", "JSONL of labelled sentences ({\"text\", \"label\"}) the probe judge "
-                      "trains on"),
+    "--judge-train": ("paper2", "judge_train", "JSONL of labelled sentences ({\"text\", \"emotion\"}) the probe "
+                      "judge trains on"),
+    "--judge-eval": ("paper2", "judge_eval", "labelled held-out sentences (text, emotion) the judge's accuracy is "
+                     "measured on: JSONL/CSV/parquet file or a datasets folder"),
     "--tasks-data": ("paper1", "tasks_data", "diagnostic tasks for paper 1's locus (prompt, aligned, misaligned, "
                      "emotion)"),
     "--pairs-data": ("paper1", "pairs_data", "contrastive pairs for emotion vectors (emotion, positive, negative"
@@ -23,6 +25,7 @@ DATA_OPTIONS: dict[str, tuple[str, str, str]] = {
 }
 #: --columns NAME:... -> (pipeline, config field)
 COLUMN_TARGETS = {"analysis": ("paper2", "analysis_columns"), "test": ("paper2", "test_columns"),
+                  "judge_eval": ("paper2", "judge_eval_columns"),
                   "tasks": ("paper1", "tasks_columns"), "pairs": ("paper1", "pairs_columns"),
                   "openers": ("paper1", "openers_columns")}
 

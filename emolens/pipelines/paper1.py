@@ -51,8 +51,8 @@ import pandas as pd
 import torch
 
 from .. import io
-from .engine import (Context, PipelineConfig, Step, log_table, model_fingerprint, register_kind, run_steps,
-                     sections as engine_sections)
+from .engine import (Context, PipelineConfig, RunFolder, Step, log_table, model_fingerprint, register_kind,
+                     run_steps, sections as engine_sections)
 from ..directions import EmotionVectors, emotion_vectors, evaluate_vectors
 from ..errors import InputError
 from ..results import Result
@@ -64,7 +64,8 @@ log = logging.getLogger("emolens")
 
 __all__ = ["Paper1Config", "DEFAULT_FRAMINGS", "STEPS", "diagnostic_pairs", "find_locus", "step_locus",
            "step_vectors", "step_calibration", "step_evaluation", "load_tasks", "load_pairs", "load_openers_split",
-           "check_data", "run", "steer_cli", "add_steer_args"]
+           "check_data", "run", "steer_cli", "add_steer_args", "SteerConfig", "STEER_STEPS", "steer_vectors_step",
+           "steer_unsteered_step", "steer_steered_step"]
 
 #: (warm, cold) system framings for the clean/corrupted runs, tried in order until both sides
 #: tokenise to the same length.
@@ -877,61 +878,58 @@ def add_steer_args(p) -> None:
     p.add_argument("--save-gguf", default=None, help="also write the steering vector as a llama.cpp control vector")
     p.add_argument("--pairs-data", default=None, help="contrastive pairs to build the vector from (JSONL/CSV/parquet "
                    "or a datasets folder; schema: emotion, positive, negative[, split]); default: the packaged pairs")
+    p.add_argument("--out", default="runs", help="folder that holds run folders (default: ./runs)")
+    p.add_argument("--name", default=None, help="run folder name (default: a timestamp)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same --name; with "
+                   "--resume: continue it under changed options (only the steps they affect recompute)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the steer run in DIR: the vectors and "
+                   "replies it finished are reused; refused if DIR holds another model or options unless --overwrite")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def steer_cli(args) -> int:
-    """``emolens steer``: print the unsteered and the steered reply to one prompt."""
-    import argparse
+@dataclass
+class SteerConfig(PipelineConfig):
+    """Everything ``emolens steer``'s replies depend on, defaults resolved (its run folder's identity).
 
-    import emolens
+    ``vectors``, ``run`` and ``pairs_data`` are absolute paths (their content is hashed into the
+    fingerprints): a saved vectors file, a paper-1 run's ``paper1`` folder, or contrastive pairs; at
+    most one is used, in that order of precedence (``run`` first).
+    """
+
+    prompt: str = "Hey, how's your week been so far?"
+    emotions: tuple[str, ...] = ("joy", "trust")
+    vectors: str | None = None
+    run: str | None = None
+    pairs_data: str | None = None
+    layer: int = 0
+    strength: float = 0.1
+    mode: str = "norm"
+    position: str = "all"
+    window: tuple[int, ...] = (-3, -2, -1)
+    max_new_tokens: int = 60
+
+    def check(self) -> None:
+        if not self.emotions:
+            raise InputError("--emotion is empty; name at least one emotion, e.g. --emotion joy,trust.")
+        if self.mode not in ("absolute", "rms", "norm"):
+            raise InputError(f"Unknown strength mode {self.mode!r}; use absolute, rms or norm.")
+        if self.max_new_tokens < 1:
+            raise InputError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}.")
+
+
+def steer_vectors_step(ctx: Context) -> dict:
+    """The steering vector: a paper-1 run's vectors, a saved file, or built from contrastive pairs at ``layer``."""
     from ..datasets import load_contrastive_pairs
 
-    if hasattr(args, "rest"):  # delegated from emolens.cli with the options unparsed
-        p = argparse.ArgumentParser(prog="emolens steer", description="Steer one chat reply with an emotion vector.")
-        add_steer_args(p)
-        rest = list(args.rest or [])
-        if rest and rest[0] == "--":  # `emolens steer --model M -- --prompt ...`
-            rest = rest[1:]
-        if getattr(args, "model", None):
-            rest = ["--model", args.model] + rest
-        if getattr(args, "device", None):
-            rest = ["--device", args.device] + rest
-        args = p.parse_args(rest)
-    m = emolens.load_model(args.model, device=args.device)
-    emotions = [e.strip() for e in args.emotion.split(",") if e.strip()]
-    if not emotions:
-        raise InputError("--emotion is empty; name at least one emotion, e.g. --emotion joy,trust.")
+    cfg, m = ctx.config, ctx.model
+    emotions = list(cfg.emotions)
     name = "+".join(emotions)
-    layer, strength, position, mode = args.layer, args.strength, args.position, args.mode
-    try:
-        window = tuple(int(x) for x in args.window.split(",") if x.strip())
-    except ValueError:
-        raise InputError(f"--window {args.window!r}: pass comma-separated token offsets from the prompt end, "
-                         "e.g. --window -3,-2,-1.") from None
-    vecs = None
-    if args.run:
-        root = Path(args.run) / "paper1"
-        if not (root / "calibration.json").exists():
-            raise InputError(f"{args.run} holds no paper-1 calibration (expected {root / 'calibration.json'}); run "
-                             "`emolens run --only paper1` first or drop --run.")
-        calib = json.loads((root / "calibration.json").read_text())
-        cfg = Paper1Config.from_dict(json.loads((root / "run_config.json").read_text())["config"])
-        c = calib["modes"][calib["main"]]
+    if cfg.run:
+        root = Path(cfg.run)
+        name = Paper1Config.from_dict(json.loads((root / "run_config.json").read_text())["config"]).steer_name
         vecs = EmotionVectors.load(root / "vectors", model=m)
-        name = cfg.steer_name
-        layer = c["layer"] if layer is None else layer
-        strength = c["strength"] if strength is None else strength
-        position = position or calib["main"]
-        mode = mode or cfg.strength_mode
-        window = tuple(json.loads((root / "locus.json").read_text())["window"])
-    position = position or "all"
-    mode = mode or "norm"
-    if layer is None:
-        layer = round(0.4 * (m.n_layers - 1))
-    if strength is None:
-        strength = 0.1 if mode == "norm" else 0.5 if mode == "rms" else 2.0
-    if vecs is None and args.vectors:
-        pth = Path(args.vectors)
+    elif cfg.vectors:
+        pth = Path(cfg.vectors)
         vecs = (EmotionVectors.from_gguf(pth, emotion=name, model=m) if pth.suffix == ".gguf"
                 else EmotionVectors.load(pth, model=m))
         if name not in vecs:
@@ -939,26 +937,122 @@ def steer_cli(args) -> int:
                 name = vecs.emotions[0]
             else:
                 vecs.combine(emotions, name)
-    if vecs is None:
-        pairs = load_contrastive_pairs(args.pairs_data, emotions=emotions, split="train")
+    else:
+        pairs = load_contrastive_pairs(cfg.pairs_data, emotions=emotions, split="train")
         if not len(pairs):
-            raise InputError(f"No training pairs for {emotions} in {args.pairs_data or 'the packaged pairs'}; add "
+            raise InputError(f"No training pairs for {emotions} in {cfg.pairs_data or 'the packaged pairs'}; add "
                              "pairs for these emotions or pick others with --emotion.")
-        vecs = emotion_vectors(m, pairs, layers=[layer], progress=False)
+        vecs = emotion_vectors(m, pairs, layers=[cfg.layer], progress=False)
         if len(emotions) > 1:
             vecs.combine(emotions, name)
         else:
             name = emotions[0]
-    if mode == "norm" and not vecs.stats:
+    if cfg.mode == "norm" and not vecs.stats:
         raise InputError("These vectors carry no activation statistics (a GGUF file); use --mode absolute or rms.")
-    ivs = steering_interventions(vecs, name, layers=layer, strength=strength, strength_mode=mode, position=position,
-                                 window=window, model=m)
-    base = generate(m, [args.prompt], [], max_new_tokens=args.max_new_tokens)[0]
-    steered = generate(m, [args.prompt], ivs, label=f"strength {strength:g} ({mode}) at layer {layer}",
-                       max_new_tokens=args.max_new_tokens)[0]
-    print(f"model: {m.name}\nprompt: {args.prompt}\n\n[unsteered]\n{base}\n\n"
-          f"[steered: +{strength:g} ({mode}) x '{name}' at resid_post.{layer}, positions: {position}]\n{steered}")
+    return {"vectors": vecs, "steer_vector": {"name": name}}
+
+
+def steer_unsteered_step(ctx: Context) -> dict:
+    """The model's reply to ``prompt`` without intervention."""
+    cfg = ctx.config
+    return {"unsteered": {"text": generate(ctx.model, [cfg.prompt], [], max_new_tokens=cfg.max_new_tokens)[0]}}
+
+
+def steer_steered_step(ctx: Context) -> dict:
+    """The reply with the steering vector added at ``layer`` (``strength`` in ``mode`` units, ``position``)."""
+    cfg = ctx.config
+    vecs, name = ctx.load("vectors"), ctx.load("steer_vector")["name"]
+    ivs = steering_interventions(vecs, name, layers=cfg.layer, strength=cfg.strength, strength_mode=cfg.mode,
+                                 position=cfg.position, window=tuple(cfg.window), model=ctx.model)
+    text = generate(ctx.model, [cfg.prompt], ivs, label=f"strength {cfg.strength:g} ({cfg.mode}) at layer {cfg.layer}",
+                    max_new_tokens=cfg.max_new_tokens)[0]
+    return {"steered": {"text": text}}
+
+
+#: ``emolens steer`` as engine steps (its run folder's ``steer/``): a killed call resumes, a changed option
+#: recomputes only what depends on it (e.g. --strength: the steered reply, not the vector or the unsteered reply).
+STEER_STEPS: tuple[Step, ...] = (
+    Step("vectors", steer_vectors_step, config=("emotions", "layer", "mode"), data=("vectors", "run", "pairs_data")),
+    Step("unsteered", steer_unsteered_step, config=("prompt", "max_new_tokens")),
+    Step("steered", steer_steered_step, inputs=("vectors",),
+         config=("prompt", "max_new_tokens", "layer", "strength", "mode", "position", "window")),
+)
+
+
+def _steer_config(m, args) -> SteerConfig:
+    """The resolved :class:`SteerConfig` of ``emolens steer``'s options (a --run's calibration fills defaults)."""
+    emotions = tuple(e.strip() for e in args.emotion.split(",") if e.strip())
+    if not emotions:
+        raise InputError("--emotion is empty; name at least one emotion, e.g. --emotion joy,trust.")
+    layer, strength, position, mode = args.layer, args.strength, args.position, args.mode
+    try:
+        window = tuple(int(x) for x in args.window.split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"--window {args.window!r}: pass comma-separated token offsets from the prompt end, "
+                         "e.g. --window -3,-2,-1.") from None
+    run = vectors = pairs = None
+    if args.run:
+        root = Path(args.run) / "paper1"
+        if not (root / "calibration.json").exists():
+            raise InputError(f"{args.run} holds no paper-1 calibration (expected {root / 'calibration.json'}); run "
+                             "`emolens run --only paper1` first or drop --run.")
+        calib = json.loads((root / "calibration.json").read_text())
+        rcfg = Paper1Config.from_dict(json.loads((root / "run_config.json").read_text())["config"])
+        c = calib["modes"][calib["main"]]
+        layer = c["layer"] if layer is None else layer
+        strength = c["strength"] if strength is None else strength
+        position = position or calib["main"]
+        mode = mode or rcfg.strength_mode
+        window = tuple(json.loads((root / "locus.json").read_text())["window"])
+        run = str(root.resolve())
+    elif args.vectors:
+        if not Path(args.vectors).is_file():
+            raise InputError(f"--vectors {args.vectors}: no such file; pass a saved .safetensors or .gguf file.")
+        vectors = str(Path(args.vectors).resolve())
+    elif args.pairs_data:
+        if not Path(args.pairs_data).exists():
+            raise InputError(f"--pairs-data {args.pairs_data}: no such file or folder.")
+        pairs = str(Path(args.pairs_data).resolve())
+    mode = mode or "norm"
+    if layer is None:
+        layer = round(0.4 * (m.n_layers - 1))
+    if strength is None:
+        strength = 0.1 if mode == "norm" else 0.5 if mode == "rms" else 2.0
+    return SteerConfig.from_dict({"prompt": args.prompt, "emotions": list(emotions), "vectors": vectors, "run": run,
+                                  "pairs_data": pairs, "layer": layer, "strength": strength, "mode": mode,
+                                  "position": position or "all", "window": list(window),
+                                  "max_new_tokens": args.max_new_tokens})
+
+
+def steer_cli(args) -> int:
+    """``emolens steer``: the unsteered and the steered reply to one prompt, computed as engine steps in a run
+    folder (``--resume DIR`` continues one; a folder of another model or other options is refused)."""
+    import emolens
+    from .. import report
+
+    m = emolens.load_model(args.model, device=args.device)
+    cfg = _steer_config(m, args)
+    rf = RunFolder.open(args.out, args.name, {"command": "steer", "model": model_fingerprint(m),
+                                              "config": cfg.to_dict()}, resume=args.resume, overwrite=args.overwrite)
+    ctx = run_steps(STEER_STEPS, m, cfg, rf.path / "steer", progress=not args.no_progress, label="steer",
+                    on_step=lambda e: rf.step_done("steer", e))
+    name = ctx.load("steer_vector")["name"]
+    base, steered = ctx.load("unsteered")["text"], ctx.load("steered")["text"]
+    print(f"model: {m.name}\nprompt: {cfg.prompt}\n\n[unsteered]\n{base}\n\n"
+          f"[steered: +{cfg.strength:g} ({cfg.mode}) x '{name}' at resid_post.{cfg.layer}, positions: "
+          f"{cfg.position}]\n{steered}")
     if args.save_gguf:
+        vecs = ctx.load("vectors")
         single = EmotionVectors({name: vecs[name]}, meta=dict(vecs.meta))
         print(f"control vector: {single.to_gguf(args.save_gguf, name)}")
+    sec = Section("Steering one reply")
+    sec.add_text(f"prompt: {cfg.prompt!r}", f"unsteered: {base!r}",
+                 f"steered (+{cfg.strength:g} ({cfg.mode}) x '{name}' at resid_post.{cfg.layer}, positions "
+                 f"{cfg.position}): {steered!r}")
+    sec.add_table("Steps in this call (computed or reused from the run folder, and why)", log_table(ctx))
+    path = report.write_report([report.model_info_section(m), sec], rf.path, title=f"emolens steer: {m.name}",
+                               meta=report.run_metadata(m, cfg.to_dict(), command="emolens steer"),
+                               model_info=m.info())
+    rf.finish()
+    print(f"run folder: {rf.path}\nreport: {Path(path).resolve()}")
     return 0

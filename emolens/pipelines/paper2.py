@@ -16,6 +16,8 @@ inputs are unchanged; the ``step_*`` functions are the same computations with ex
 6. :func:`step_circuits` - global circuit per emotion (budget, quotas, cap), saved as JSON.
 7. :func:`step_modulate` - circuit modulation during generation (no emotion instruction).
 8. Accuracy tables per emotion and per valence: prompting vs steering vs circuit.
+9. :func:`judge_step` - the judge's own accuracy on held-out labelled sentences (``judge_eval``,
+   default the packaged ``judge_eval.jsonl``): how far its verdicts above can be trusted.
 
 Every hyperparameter lives in :class:`Paper2Config` with the paper's value as default, except the
 steering and circuit strengths, which are calibrated in every run on the analysis split (fluency
@@ -51,7 +53,7 @@ __all__ = ["Paper2Config", "SIZES", "STEPS", "GenEval", "make_judge", "generate_
            "elicit_texts_step", "elicit_step", "stats_step", "scores_step", "curves_step", "influence_step",
            "circuits_step", "calibrate_steer_step", "calibrate_circuit_step", "eval_prompting_texts_step", "eval_steering_texts_step",
            "eval_circuit_texts_step", "eval_prompting_step", "eval_steering_step", "eval_circuit_step",
-           "examples_step", "run", "circuit_cli", "add_circuit_args"]
+           "examples_step", "judge_step", "run", "circuit_cli", "add_circuit_args"]
 
 
 
@@ -68,7 +70,9 @@ class Paper2Config(PipelineConfig):
 
     Data fields (``None`` = the packaged SEV-format splits) take a JSONL/CSV/parquet path or a Hugging
     Face ``datasets`` folder; ``*_columns`` maps schema fields to your columns (CSV: nested fields as
-    ``event.positive``); ``judge_train`` is a JSONL file of labelled sentences for the probe judge.
+    ``event.positive``); ``judge_train`` is a JSONL file of labelled sentences for the probe judge;
+    ``judge_eval`` the labelled held-out sentences the judge's accuracy is measured on (step ``judge``;
+    JSONL/CSV/parquet/``datasets`` folder, fields ``text`` and ``emotion``, ``judge_eval_columns`` maps them).
     """
 
     # data and prompts
@@ -89,6 +93,8 @@ class Paper2Config(PipelineConfig):
     judge_url: str | None = None
     judge_model: str = "gpt-4o-mini"
     judge_train: str | None = None  #: training sentences of the probe judge (None = packaged judge_train.jsonl)
+    judge_eval: str | None = None  #: held-out labelled sentences for the judge's accuracy (None = packaged judge_eval)
+    judge_eval_columns: dict[str, str] = field(default_factory=dict)
     # step 1: elicitation
     accept_filter: bool | None = None  #: True (paper): accepted samples only; None: on when it keeps enough groups
     accept_min_fraction: float = 0.5  #: auto filter: on when >= this fraction of context groups stay complete
@@ -631,7 +637,11 @@ def check_data(cfg: Paper2Config) -> None:
                             f"{split}_per_theme / {split}_max_records; pass more records or larger limits.")
     if cfg.judge_train is not None and not Path(cfg.judge_train).is_file():
         raise DataError(f"{cfg.judge_train}: file not found (judge_train). Fix: pass a JSONL file of labelled "
-                        "sentences ({\"text\": ..., \"label\": ...}) or leave it unset for the packaged one.")
+                        "sentences ({\"text\": ..., \"emotion\": ...}) or leave it unset for the packaged one.")
+    if cfg.judge_eval is not None:  # every record checked now (file, line and field named), not at the last step
+        from ..datasets import EMOTIONS_SEV, load_judge_labelled
+
+        load_judge_labelled(cfg.judge_eval, split="eval", columns=cfg.judge_eval_columns, emotions=EMOTIONS_SEV)
 
 
 def _strengths(ctx: Context) -> Paper2Config:
@@ -873,6 +883,22 @@ def examples_step(ctx: Context) -> dict:
     return {"examples": pd.DataFrame(rows), "examples_input": {"input": item.user, "unsteered": base}}
 
 
+def judge_step(ctx: Context) -> dict:
+    """The judge's accuracy on held-out labelled sentences (``judge_eval``, default the packaged
+    ``judge_eval.jsonl``): how far its verdicts on the replies can be trusted."""
+    from ..evaluate.judges import evaluate_judge
+
+    cfg = ctx.config
+    acc, conf = evaluate_judge(ctx.extras["judge"], cfg.judge_eval, columns=cfg.judge_eval_columns)
+    per = conf.attrs["per_emotion_accuracy"]
+    counts = conf.sum(axis=1)
+    rows = [{"emotion": e, "n": int(counts[e]), "accuracy": 100 * per[e]} for e in conf.index]
+    rows.append({"emotion": "overall", "n": int(conf.attrs["n"]), "accuracy": 100 * acc})
+    return {"judge_accuracy": pd.DataFrame(rows),
+            "judge_confusion": conf.rename_axis(columns=None).reset_index().rename(
+                columns={"emotion": "true emotion"})}
+
+
 # =========================================================================================
 # Report
 # =========================================================================================
@@ -1099,6 +1125,20 @@ def _calibration_section(ctx: Context) -> Section:
     return s
 
 
+def _judge_section(ctx: Context) -> Section:
+    cfg = ctx.config
+    acc = ctx.load("judge_accuracy")
+    s = Section("Judge accuracy on held-out labelled sentences")
+    where = cfg.judge_eval or "the packaged emolens/data/judge_eval.jsonl"
+    overall = acc[acc["emotion"] == "overall"].iloc[0]
+    s.add_text(f"Judge {cfg.judge!r} on {where}: {overall['accuracy']:.1f}% of {int(overall['n'])} sentences judged "
+               "as their labelled emotion (6-way chance 16.7%). The method accuracies above are only as reliable as "
+               "this judge.")
+    s.add_table("Judge accuracy per labelled emotion (%)", acc.round(1))
+    s.add_table("Confusion (rows: labelled emotion, columns: the judge's label)", ctx.load("judge_confusion"))
+    return s
+
+
 def _control_section(ctx: Context) -> Section:
     cfg = _strengths(ctx)
     evals = {m: GenEval(m, ctx.load(f"eval_{m}")) for m in ("prompting", "steering", "circuit")}
@@ -1176,6 +1216,8 @@ STEPS: tuple[Step, ...] = (
          config=("emotions", "valences", "test_columns", "system_emo", "system_neu", "example_record",
                  "example_valence") + _STEER + _CIRCUIT + _GEN["prompt"] + _GEN["steer"] + _GEN["circuit"],
          data=("test_data",), section=_control_section),
+    Step("judge", judge_step, config=_JUDGE + ("judge_eval_columns",), data=("judge_train", "judge_eval"),
+         section=_judge_section),
 )
 
 
@@ -1262,22 +1304,12 @@ def config_from_args(m, args) -> Paper2Config:
 def circuit_cli(args) -> int:
     """``emolens circuit``: run the paper-2 pipeline and write a report into a run folder (``--resume DIR``
     continues one)."""
-    import argparse
     import time
 
     import emolens
     from .. import report
     from .engine import RunFolder
 
-    if hasattr(args, "rest"):  # delegated from emolens.cli with the options unparsed
-        p = argparse.ArgumentParser(prog="emolens circuit", description="Emotion circuits (paper 2).")
-        add_circuit_args(p)
-        rest = [a for i, a in enumerate(args.rest or []) if not (i == 0 and a == "--")]
-        if getattr(args, "model", None):
-            rest = ["--model", args.model] + rest
-        if getattr(args, "device", None):
-            rest = ["--device", args.device] + rest
-        args = p.parse_args(rest)
     m = emolens.load_model(args.model, device=args.device)
     cfg = config_from_args(m, args)
     make_judge(cfg)
