@@ -1288,7 +1288,9 @@ def _control_section(ctx: Context) -> Section:
                f"(every position), scale {cfg.circuit_scale:g}" +
                (f" (overrides {cfg.scale_overrides})" if cfg.scale_overrides else "") + " (strengths: see the "
                "calibration section).",
-               "Paper (Llama-3.2-3B, GPT-4o-mini judge): prompting 98.96%, steering 91.22%, circuit 99.65%.")
+               "Paper (Llama-3.2-3B, GPT-4o-mini judge): prompting 98.96%, steering 91.22%, circuit 99.65%.",
+               "The same replies judged by the judge ensemble, with Wilson 95 % intervals, judge agreement and the "
+               "unsteered baseline: step 9; their side effects: step 10.")
     s.add_table("Accuracy per emotion (%)", emo_t).add_table("Accuracy per valence (%)", val_t)
     for name, ev in evals.items():
         s.results[f"accuracy_{name}"] = ev.result(ctx.model.name)
