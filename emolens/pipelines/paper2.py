@@ -1506,6 +1506,10 @@ def run(model, out_dir, *, quick: bool = False, progress: bool = True, config: P
         cfg = cfg.quick()
     cfg.check()
     judge = make_judge(cfg)  # bad judge settings fail here, before any work (it connects only when used)
+    if "nade" in cfg.ensemble_judges:  # a missing `nade` fails now, not after the generation steps
+        from ..evaluate.judges import _nade
+
+        _nade()
     check_data(cfg)
     root = Path(out_dir) / "paper2"
     try:
