@@ -1370,7 +1370,7 @@ def _side_effects_section(ctx: Context) -> Section:
                "user's text (>= 30 % of their word bigrams occur in it, or an edit announcement); names emotion = "
                "replies that contain the target emotion's word or an inflection; retention = accuracy on "
                f"{info['retention_questions']} of the project's {n_all} factual/arithmetic questions "
-               f"({'all of them' if info['retention_questions'] >= n_all else 'a subset spread over the file: quick mode; the full configuration asks all ' + str(n_all)}"
+               f"({'all of them' if info['retention_questions'] >= n_all else 'a subset spread over the file; quick mode asks 12, the full configuration all ' + str(n_all)}"
                f"), asked under the same intervention or emotion prompt ({info['retention_max_new_tokens']} new "
                "tokens), against the unsteered model's accuracy (drop in points).",
                f"Guards: perplexity ratio <= {g['max_ppl_ratio']:g}, restate <= {100 * g['max_restate']:.0f} %, names "
