@@ -180,7 +180,7 @@ def test_embedded_model_small_run(tmp_path, smol):
         curve_n_random=2, curve_ks=(0, 1, 2, 4), curve_layers_frac=(0.5,), influence_samples=3,
         influence_alphas=(0.5,), prompt_max_new_tokens=8, steer_max_new_tokens=8, circuit_max_new_tokens=8,
         steer_min_new_tokens=4, circuit_min_new_tokens=4, gen_batch_size=18, accept_filter=False, steer_alpha=1.0,
-        circuit_scale=2.0)
+        circuit_scale=2.0, retention_questions=6)
     secs = run(smol, tmp_path, config=cfg, progress=False)
     root = tmp_path / "paper2"
     inf = Result.load(root / "influence")
@@ -194,3 +194,11 @@ def test_embedded_model_small_run(tmp_path, smol):
     assert (c.n_neurons, c.n_heads) == (420, 180)  # 10 x 60 sublayers, 0.7 : 0.3
     with pytest.raises(ResultError, match="cannot be applied"):
         Circuit.load(root / "circuits" / "anger.json", model=get_model("tiny-llama"))
+    # issue 10 parts: the widget shows heads of the circuit, ranked by head score; cards for every method
+    from emolens.viz.circuit_attention import top_circuit_heads
+
+    att = Result.load(root / "circuit_attention" / "anger")
+    assert att.labels["head"] == [f"L{l}H{h}" for l, h in top_circuit_heads(c, heads, cfg.attention_top_heads)]
+    card = pd.read_parquet(root / "side_effects.parquet")
+    assert list(card["method"]) == ["unsteered", "prompting", "steering", "circuit"]
+    assert card["ppl_ratio"].iloc[0] == 1.0 and card["ppl"].gt(1).all()

@@ -243,7 +243,8 @@ def test_a_changed_field_recomputes_exactly_its_dependents_and_equals_a_fresh_ru
     c2b = c2.replace(circuit_scale=3.0)
     paper2.run(m, tmp_path / "b", config=c2b, progress=False, on_step=log.append)
     assert [e.step for e in log if e.status == "computed"] == ["calibrate_circuit", "eval_circuit_texts",
-                                                                "eval_circuit", "examples"]
+                                                                "eval_circuit", "examples", "ensemble",
+                                                                "side_effects", "circuit_attention"]
     paper2.run(m, tmp_path / "fresh2", config=c2b, progress=False)
     assert diff_outputs(tmp_path / "b" / "paper2", tmp_path / "fresh2" / "paper2") == []
 

@@ -87,7 +87,8 @@ cfg = Paper2Config.for_model(m).replace(
     influence_samples=4, influence_alphas=(0.5,), budget_per_sublayer=4.0, min_neurons=1, min_heads=1,
     prompt_max_new_tokens=12, steer_max_new_tokens=12, circuit_max_new_tokens=12,
     steer_min_new_tokens=4, circuit_min_new_tokens=4, calib_records=1, calib_alphas=(1.0, 2.0),
-    calib_scales=(1.0, 2.0), calib_max_ppl_ratio=8.0, calib_min_distinct2=0.0, gen_batch_size=16)
+    calib_scales=(1.0, 2.0), calib_max_ppl_ratio=8.0, calib_min_distinct2=0.0, gen_batch_size=16,
+    retention_questions=6)
 sections = run(m, work / "run", config=cfg, progress=False)
 calibration = next(s for s in sections if s.title.startswith("Calibration"))
 print("\n".join(calibration.text))
@@ -101,8 +102,8 @@ control.tables[0][1]
 #
 # Every step is fingerprinted by its configuration fields, the model, the data files' content and
 # its inputs. Running again reuses everything; changing one field recomputes only the steps that
-# depend on it (here the circuit scale: its calibration, the circuit replies, their verdicts and
-# the examples).
+# depend on it (here the circuit scale: its calibration, the circuit replies, their verdicts, the
+# examples, the judge ensemble's tables, the side-effect cards and the circuit heads' attention).
 
 # %%
 log = []

@@ -16,8 +16,16 @@ inputs are unchanged; the ``step_*`` functions are the same computations with ex
 6. :func:`step_circuits` - global circuit per emotion (budget, quotas, cap), saved as JSON.
 7. :func:`step_modulate` - circuit modulation during generation (no emotion instruction).
 8. Accuracy tables per emotion and per valence: prompting vs steering vs circuit.
-9. :func:`judge_step` - the judge's own accuracy on held-out labelled sentences (``judge_eval``,
-   default the packaged ``judge_eval.jsonl``): how far its verdicts above can be trusted.
+9. :func:`ensemble_step` - every method (and the unsteered baseline) judged by the judge ensemble
+   (``ensemble_judges``: NRC lexicon, NADE, the probe; majority vote): per-method x per-emotion accuracy
+   with Wilson 95 % intervals for each judge and the majority, judge agreement (Cohen's / Fleiss' kappa),
+   example replies of every method.
+10. :func:`side_effects_step` - a side-effect card per method (perplexity under the unsteered model,
+    distinct-2, restatement and emotion-name rates, task retention with vs without the intervention).
+11. :func:`judge_step` - the judge's own accuracy on held-out labelled sentences (``judge_eval``,
+    default the packaged ``judge_eval.jsonl``): how far its verdicts above can be trusted.
+Report only: :func:`circuit_attention_step` - attention patterns of each circuit's top heads on a
+circuit-modulated reply (circuitsvis, offline), shown next to the head and neuron heatmaps.
 
 Every hyperparameter lives in :class:`Paper2Config` with the paper's value as default, except the
 steering and circuit strengths, which are calibrated in every run on the analysis split (fluency
@@ -53,7 +61,9 @@ __all__ = ["Paper2Config", "SIZES", "STEPS", "GenEval", "make_judge", "generate_
            "elicit_texts_step", "elicit_step", "stats_step", "scores_step", "curves_step", "influence_step",
            "circuits_step", "calibrate_steer_step", "calibrate_circuit_step", "eval_prompting_texts_step", "eval_steering_texts_step",
            "eval_circuit_texts_step", "eval_prompting_step", "eval_steering_step", "eval_circuit_step",
-           "examples_step", "judge_step", "run", "circuit_cli", "add_circuit_args"]
+           "examples_step", "judge_step", "run", "circuit_cli", "add_circuit_args", "METHODS", "make_ensemble",
+           "eval_unsteered_texts_step", "ensemble_step", "side_effects_step", "circuit_attention_step",
+           "ensemble_tables", "pooled_perplexity"]
 
 
 
@@ -144,6 +154,13 @@ class Paper2Config(PipelineConfig):
     calib_records: int = 4
     calib_max_ppl_ratio: float = 4.0
     calib_min_distinct2: float = 0.3
+    # judge ensemble, side-effect card, attention widgets (issue 10; not in the paper)
+    ensemble_judges: tuple[str, ...] = ("nrc", "nade", "probe")  #: judged by each + majority vote ("openai": judge_url)
+    retention_questions: int | None = None  #: retention questions asked per method (None = all 50; quick: 12)
+    retention_max_new_tokens: int = 12
+    examples_per_emotion: int = 2  #: example replies per method and emotion in the report
+    attention_top_heads: int = 4  #: circuit heads per emotion shown with circuitsvis
+    attention_max_tokens: int = 96  #: last positions of prompt + reply shown in each widget
     # report
     pca_layers_frac: tuple[float, ...] = (1 / 28, 9 / 28, 12 / 28, 27 / 28)
     example_record: int = 0
@@ -181,7 +198,8 @@ class Paper2Config(PipelineConfig):
                             steer_max_new_tokens=min(self.steer_max_new_tokens, 24),
                             circuit_max_new_tokens=min(self.circuit_max_new_tokens, 24),
                             steer_min_new_tokens=min(self.steer_min_new_tokens, 8),
-                            circuit_min_new_tokens=min(self.circuit_min_new_tokens, 8))
+                            circuit_min_new_tokens=min(self.circuit_min_new_tokens, 8),
+                            retention_questions=min(self.retention_questions or 12, 12))
 
     def check(self) -> None:
         from ..circuits.prompts import check_emotions
@@ -189,7 +207,18 @@ class Paper2Config(PipelineConfig):
         check_emotions(self.emotions)
         if self.judge not in ("probe", "nrc", "openai"):
             raise InputError(f"Unknown judge {self.judge!r}; use 'probe', 'nrc' or 'openai'.")
-        for k in ("batch_size", "gen_batch_size", "calib_records"):
+        bad = [j for j in self.ensemble_judges if j not in ("nrc", "nade", "probe", "openai")]
+        if bad or not self.ensemble_judges or len(set(self.ensemble_judges)) != len(self.ensemble_judges):
+            raise InputError(f"Paper2Config.ensemble_judges={list(self.ensemble_judges)}: give distinct judges out of "
+                             "'nrc', 'nade', 'probe', 'openai' (e.g. ['nrc', 'nade', 'probe']).")
+        if "openai" in self.ensemble_judges and not self.judge_url:
+            raise InputError("ensemble_judges includes 'openai' but judge_url is not set; pass the server's URL "
+                             "(e.g. 'http://127.0.0.1:8000/v1') or drop 'openai'.")
+        if self.retention_questions is not None and self.retention_questions < 1:
+            raise InputError(f"Paper2Config.retention_questions must be >= 1 or None (all), got "
+                             f"{self.retention_questions}.")
+        for k in ("batch_size", "gen_batch_size", "calib_records", "retention_max_new_tokens", "examples_per_emotion",
+                  "attention_top_heads"):
             if getattr(self, k) < 1:
                 raise InputError(f"Paper2Config.{k} must be >= 1, got {getattr(self, k)}.")
         for k in ("steer_alpha", "circuit_scale"):
@@ -223,7 +252,8 @@ SIZES: dict[str, dict] = {
              "circuit_max_new_tokens": 6, "steer_min_new_tokens": 2, "circuit_min_new_tokens": 2,
              "calib_alphas": (2.0,), "calib_scales": (2.0,), "calib_records": 1, "calib_max_ppl_ratio": 1e9,
              "calib_min_distinct2": 0.0, "budget_per_sublayer": 2.0, "min_neurons": 1,
-             "min_heads": 1, "notes": ("tiny random-weight test model: sizes shrunk for tests",)},
+             "min_heads": 1, "retention_questions": 4, "retention_max_new_tokens": 4, "attention_top_heads": 2,
+             "attention_max_tokens": 48, "notes": ("tiny random-weight test model: sizes shrunk for tests",)},
 }
 
 
@@ -811,28 +841,36 @@ def eval_prompting_texts_step(ctx: Context) -> dict:
 def eval_steering_texts_step(ctx: Context) -> dict:
     """8b. Steering on the test split: P_neu + alpha x RMS x v_mlp at the steering layers (replies only)."""
     from ..circuits.prompts import neu_prompts
-    from ..circuits.steer import steering_interventions
 
     cfg = _strengths(ctx)
     ps = neu_prompts(test_items(cfg), cfg.emotions, cfg.system_neu)
+    return {"eval_steering_texts": _gen_texts(ctx, ps, "steer", _steer_ivf(ctx, cfg), "steering: generate")}
+
+
+def _steer_ivf(ctx: Context, cfg: Paper2Config):
+    """``emotion -> interventions`` of the test-time steering (strength from :func:`_strengths`)."""
+    from ..circuits.steer import steering_interventions
+
     layers = cfg.layers(cfg.steer_layers_frac, ctx.model.n_layers)
     d = ctx.load("directions")
-    return {"eval_steering_texts": _gen_texts(
-        ctx, ps, "steer", lambda e: steering_interventions(ctx.model, d, e, layers, cfg.steer_alpha,
-                                                          sublayer=cfg.steer_sublayer), "steering: generate")}
+    return lambda e: steering_interventions(ctx.model, d, e, layers, cfg.steer_alpha, sublayer=cfg.steer_sublayer)
+
+
+def _circuit_ivf(ctx: Context, cfg: Paper2Config):
+    """``emotion -> interventions`` of the test-time circuit modulation (scale from :func:`_strengths`)."""
+    from ..circuits.modulation import modulation_interventions
+
+    circuits, dm, da = ctx.load("circuits"), ctx.load("dmu_mlp"), ctx.load("dmu_attn")
+    return lambda e: modulation_interventions(ctx.model, circuits[e], dm, da, cfg.scale_for(e))
 
 
 def eval_circuit_texts_step(ctx: Context) -> dict:
     """8c. Circuit modulation on the test split (replies only)."""
-    from ..circuits.modulation import modulation_interventions
     from ..circuits.prompts import neu_prompts
 
     cfg = _strengths(ctx)
     ps = neu_prompts(test_items(cfg), cfg.emotions, cfg.system_neu)
-    circuits, dm, da = ctx.load("circuits"), ctx.load("dmu_mlp"), ctx.load("dmu_attn")
-    return {"eval_circuit_texts": _gen_texts(
-        ctx, ps, "circuit", lambda e: modulation_interventions(ctx.model, circuits[e], dm, da, cfg.scale_for(e)),
-        "circuit modulation: generate")}
+    return {"eval_circuit_texts": _gen_texts(ctx, ps, "circuit", _circuit_ivf(ctx, cfg), "circuit modulation: generate")}
 
 
 def _judge_step(method: str, emo: bool):
@@ -897,6 +935,157 @@ def judge_step(ctx: Context) -> dict:
     return {"judge_accuracy": pd.DataFrame(rows),
             "judge_confusion": conf.rename_axis(columns=None).reset_index().rename(
                 columns={"emotion": "true emotion"})}
+
+
+# -- issue 10: every method judged by an ensemble, side-effect cards, circuit-head attention -----------------
+#: Methods judged by the ensemble and carded, in report order: (name, replies output).
+METHODS: tuple[tuple[str, str], ...] = (("unsteered", "eval_unsteered_texts"), ("prompting", "eval_prompting_texts"),
+                                        ("steering", "eval_steering_texts"), ("circuit", "eval_circuit_texts"))
+
+
+def make_ensemble(cfg: Paper2Config, reuse=None):
+    """The judge ensemble of ``cfg.ensemble_judges`` (:class:`~emolens.evaluate.agreement.JudgeEnsemble`,
+    majority vote). ``reuse``: an already built judge of kind ``cfg.judge`` (the probe trains once per call)."""
+    from ..evaluate.agreement import JudgeEnsemble
+    from ..evaluate.judges import NADEJudge, NRCJudge, OpenAIJudge, ProbeJudge
+
+    make = {"nrc": NRCJudge, "nade": NADEJudge, "probe": lambda: ProbeJudge(train_path=cfg.judge_train),
+            "openai": lambda: OpenAIJudge(cfg.judge_url, cfg.judge_model)}
+    return JudgeEnsemble({n: reuse if (reuse is not None and n == cfg.judge) else make[n]()
+                          for n in cfg.ensemble_judges})
+
+
+def eval_unsteered_texts_step(ctx: Context) -> dict:
+    """8d. Unsteered baseline on the test split: P_neu, no intervention. One reply per item (its six target
+    emotions share the prompt), repeated per emotion row so it lines up with the other methods' rows."""
+    from ..circuits.prompts import neu_prompts
+
+    cfg = ctx.config
+    one = neu_prompts(test_items(cfg), None, cfg.system_neu)
+    texts = _gen_texts(ctx, one, "circuit", None, "unsteered: generate")["text"].tolist()
+    return {"eval_unsteered_texts": pd.DataFrame({"text": [t for t in texts for _ in cfg.emotions]})}
+
+
+def ensemble_step(ctx: Context) -> dict:
+    """9. Judge every method's test replies with each judge of the ensemble and their majority vote; accuracy
+    with Wilson 95 % intervals per method, emotion and judge; judge agreement (Cohen's kappa per pair, Fleiss)."""
+    from ..circuits.prompts import neu_prompts
+    from ..evaluate.agreement import accuracy_table
+
+    cfg = ctx.config
+    ens = make_ensemble(cfg, ctx.extras.get("judge"))
+    ps = neu_prompts(test_items(cfg), cfg.emotions, cfg.system_neu)  # same item/emotion order as P_emo rows
+    frames = []
+    for method, out in METHODS:
+        df = ens.judge(ctx.load(out)["text"].tolist(), list(ps.emotions))
+        keys = pd.DataFrame({"method": method, "skeleton_id": [it.skeleton_id for it in ps.items],
+                             "theme": [it.theme for it in ps.items], "valence": [it.valence for it in ps.items],
+                             "user": [it.user for it in ps.items]})
+        frames.append(pd.concat([keys, df], axis=1))
+    allf = pd.concat(frames, ignore_index=True)
+    cols = [f"{n}_match" for n in ens.names] + ["majority"]
+    acc = pd.concat([accuracy_table(allf[allf["method"] == m], cols, by="target").assign(method=m)
+                     for m, _ in METHODS], ignore_index=True)
+    ag = ens.agreement(allf)
+    return {"ensemble": allf, "ensemble_accuracy": acc,
+            "ensemble_agreement": {"judges": ens.names, "n": int(len(allf)), "fleiss_match": ag["fleiss_match"],
+                                   "max_pair_kappa": ag["max_pair_kappa"],
+                                   "pairs": ag["pairs"].to_dict("records")}}
+
+
+def _retention_qa(cfg: Paper2Config) -> list[dict]:
+    """``retention_questions`` of the project's 50 retention questions, spread over the file (None: all)."""
+    from ..evaluate.side_effects import load_retention_qa
+
+    qa = load_retention_qa()
+    n = cfg.retention_questions
+    if n is None or n >= len(qa):
+        return qa
+    return qa[::max(1, len(qa) // n)][:n]
+
+
+def pooled_perplexity(model, prompts, texts) -> float:
+    """:func:`~emolens.evaluate.fluency.corpus_perplexity` that scores each distinct (prompt, reply) pair once and
+    weights it by its count (the unsteered rows repeat one reply per target emotion): the same value, less work."""
+    from ..evaluate.fluency import reply_nll
+
+    keys = [json.dumps(p, sort_keys=True) + "\x00" + t for p, t in zip(prompts, texts)]
+    first = {k: i for i, k in reversed(list(enumerate(keys)))}
+    uniq = sorted(first.values())
+    count = pd.Series(keys).value_counts()
+    nll, n = reply_nll(model, [prompts[i] for i in uniq], [texts[i] for i in uniq])
+    w = np.array([count[keys[i]] for i in uniq], dtype=float)
+    total = float((w * n).sum())
+    return float(np.exp((w * nll).sum() / total)) if total else float("nan")
+
+
+def side_effects_step(ctx: Context) -> dict:
+    """10. Side-effect card of every method on the test split: perplexity of its replies under the unsteered
+    model (and the ratio to unsteered replies), distinct-2, restatement and emotion-name rates, and task retention
+    on the project's retention questions asked under the same intervention (or emotion prompt) vs unsteered."""
+    from ..circuits.prompts import neu_prompts
+    from ..evaluate.side_effects import Guards, card_table, retention_accuracy, side_effect_card
+
+    cfg = _strengths(ctx)
+    model = ctx.model
+    ps = neu_prompts(test_items(cfg), cfg.emotions, cfg.system_neu)
+    users = [it.user for it in ps.items]
+    qa = _retention_qa(cfg)
+    qa_kw = {"max_new_tokens": cfg.retention_max_new_tokens, "repetition_penalty": 1.1, "no_repeat_ngram_size": 3}
+    ivfs = {"unsteered": None, "prompting": None, "steering": _steer_ivf(ctx, cfg), "circuit": _circuit_ivf(ctx, cfg)}
+
+    def asker(method: str):
+        def gen(questions, emos):
+            prompts = [[{"role": "system", "content": cfg.system_emo.format(emotion=e) if method == "prompting"
+                         else cfg.system_neu}, {"role": "user", "content": q}] for q, e in zip(questions, emos)]
+            return generate_replies(model, prompts, emos, interventions_for=ivfs[method], gen_kwargs=qa_kw,
+                                    batch_size=cfg.gen_batch_size, progress=ctx.progress,
+                                    desc=f"retention: {method}")
+        return gen
+
+    texts, ppl, ret, rows = {}, {}, {}, []
+    emos = list(cfg.emotions)
+    for method, out in METHODS:
+        texts[method] = ctx.load(out)["text"].tolist()
+        ppl[method] = pooled_perplexity(model, ps.prompts, texts[method])
+        ret[method], ok, replies = retention_accuracy(asker(method), emos, qa)
+        rows += [{"method": method, "question": q["question"], "emotion": emos[i % len(emos)], "reply": r,
+                  "correct": bool(c)} for i, (q, r, c) in enumerate(zip(qa, replies, ok))]
+    cards = [side_effect_card(m, users, texts[m], list(ps.emotions), ppl=ppl[m], ppl_base=ppl["unsteered"],
+                              retention=ret[m], retention_base=ret["unsteered"]) for m, _ in METHODS]
+    guards = Guards(max_ppl_ratio=cfg.calib_max_ppl_ratio)
+    return {"side_effects": card_table(cards, guards),
+            "side_effect_cards": {"guards": guards.to_dict(), "retention_questions": len(qa),
+                                  "retention_max_new_tokens": cfg.retention_max_new_tokens,
+                                  "cards": [c.to_dict() for c in cards]},
+            "retention_replies": pd.DataFrame(rows)}
+
+
+def circuit_attention_step(ctx: Context) -> dict:
+    """Attention patterns of each circuit's top heads (by step-4b head score) on the prompt + circuit-modulated
+    reply of the first test item, read under the same modulation (teacher-forced); one ``[head, query, key]``
+    Result per emotion, drawn with circuitsvis next to the head and neuron heatmaps."""
+    from ..circuits.prompts import neu_prompts
+    from ..viz.circuit_attention import reply_head_patterns, top_circuit_heads
+
+    cfg = _strengths(ctx)
+    ps = neu_prompts(test_items(cfg), cfg.emotions, cfg.system_neu)
+    texts = ctx.load("eval_circuit_texts")["text"].tolist()
+    circuits, head_scores = ctx.load("circuits"), ctx.load("head_scores")
+    ivf = _circuit_ivf(ctx, cfg)
+    out = {}
+    for e in cfg.emotions:
+        i = ps.emotions.index(e)
+        heads = top_circuit_heads(circuits[e], head_scores, cfg.attention_top_heads)
+        if not heads:
+            continue
+        view = reply_head_patterns(ctx.model, ps.prompts[i], texts[i], heads, interventions=ivf(e),
+                                   max_tokens=cfg.attention_max_tokens)
+        out[e] = Result("attention", view.pattern, ("head", "query", "key"),
+                        {"head": view.head_names, "query": view.tokens, "key": view.tokens}, {},
+                        {"model": ctx.model.name, "emotion": e, "input": ps.items[i].user, "reply": texts[i],
+                         "scale": cfg.scale_for(e), "metric": "attention probability"})
+    return {"circuit_attention": out}
 
 
 # =========================================================================================
@@ -1068,7 +1257,8 @@ def _components_section(ctx: Context) -> Section:
         s.add_table("Summary over emotions and layers at the largest k", agg.round(4))
         s.add_table("Top-k vs random-k per emotion and layer at the largest k", at_max.round(4))
     s.results.update(neuron_scores=neurons, head_scores=heads)
-    return s
+    att = _circuit_attention_section(ctx)  # next to the head and neuron heatmaps
+    return [s, att] if att is not None else s
 
 
 def _influence_section(ctx: Context) -> Section:
@@ -1152,12 +1342,126 @@ def _control_section(ctx: Context) -> Section:
                f"(every position), scale {cfg.circuit_scale:g}" +
                (f" (overrides {cfg.scale_overrides})" if cfg.scale_overrides else "") + " (strengths: see the "
                "calibration section).",
-               "Paper (Llama-3.2-3B, GPT-4o-mini judge): prompting 98.96%, steering 91.22%, circuit 99.65%.")
+               "Paper (Llama-3.2-3B, GPT-4o-mini judge): prompting 98.96%, steering 91.22%, circuit 99.65%.",
+               "The same replies judged by the judge ensemble, with Wilson 95 % intervals, judge agreement and the "
+               "unsteered baseline: step 9; their side effects: step 10.")
     s.add_table("Accuracy per emotion (%)", emo_t).add_table("Accuracy per valence (%)", val_t)
     for name, ev in evals.items():
         s.results[f"accuracy_{name}"] = ev.result(ctx.model.name)
     s.add_text(f"Example input: {ex_info['input']!r}", f"Unsteered reply (P_neu): {ex_info['unsteered']!r}")
     s.add_table("Example replies for one input under all six emotions", examples)
+    return s
+
+
+def _ci_cell(acc: float, lo: float, hi: float) -> str:
+    return "" if acc != acc else f"{100 * acc:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def ensemble_tables(acc: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per judge (and ``majority``), a method x emotion table of accuracy in % with its Wilson 95 % interval
+    (cells ``"acc [lo, hi]"``), an ``overall`` column and the method's ``n``; ``acc`` is the
+    ``ensemble_accuracy`` output (:func:`emolens.evaluate.agreement.accuracy_table` rows per method)."""
+    out = {}
+    for j in dict.fromkeys(acc["judge"]):
+        rows = []
+        for m in dict.fromkeys(acc["method"]):
+            a = acc[(acc["judge"] == j) & (acc["method"] == m)]
+            r = {"method": m, **{str(x.group): _ci_cell(x.acc, x.lo, x.hi) for x in a.itertuples()}}
+            r["n"] = int(a.loc[a["group"] == "overall", "n"].iloc[0])
+            rows.append(r)
+        out[str(j)] = pd.DataFrame(rows)
+    return out
+
+
+def _ensemble_section(ctx: Context) -> Section:
+    cfg = ctx.config
+    allf, acc, ag = ctx.load("ensemble"), ctx.load("ensemble_accuracy"), ctx.load("ensemble_agreement")
+    judges = list(ag["judges"])
+    s = Section("Step 9: every method judged by the judge ensemble (accuracy with Wilson 95 % intervals)")
+    per_cell = sorted({int(n) for n in acc.loc[acc["group"] != "overall", "n"]})
+    s.add_text(f"Judges: {', '.join(judges)}; a reply counts as matching its target emotion under the majority "
+               f"vote when strictly more than half of the {len(judges)} judges say so (a tie is no match). Methods: "
+               "unsteered (P_neu, no intervention: the chance reference), prompting (P_emo), steering and circuit "
+               "modulation at the calibrated strengths (see the calibration section).",
+               f"Cells: accuracy in % [Wilson 95 % interval]; n per emotion cell = {', '.join(map(str, per_cell))}; "
+               "the last column is the method's n over all emotions. Chance is 1/"
+               f"{len(cfg.emotions)} = {100 / len(cfg.emotions):.1f} %.")
+    tables = ensemble_tables(acc)
+    for j, t in tables.items():
+        name = "majority vote" if j == "majority" else f"judge {j}"
+        s.add_table(f"Accuracy per method and emotion (%), {name}", t)
+    pairs = pd.DataFrame(ag["pairs"])
+    if len(pairs):
+        s.add_table(f"Judge agreement on all {ag['n']} test replies: Cohen's kappa per pair on the binary match "
+                    "(kappa) and on the judged label (kappa_label), raw agreement on the match",
+                    pairs.round(3))
+        s.add_text(f"Fleiss' kappa over all {len(judges)} judges (binary match): {ag['fleiss_match']:.3f}; largest "
+                   f"pairwise Cohen's kappa {ag['max_pair_kappa']:.3f}.")
+    # example replies: the same first inputs under every method, a few per emotion
+    k = cfg.examples_per_emotion
+    keys = list(dict.fromkeys(zip(allf["skeleton_id"], allf["valence"])))[:k]
+    pick = allf[[(a, b) in keys for a, b in zip(allf["skeleton_id"], allf["valence"])]]
+    cols = ["target", "user", "text", "majority"] + [f"{j}_label" for j in judges]
+    for method, _ in METHODS:
+        t = pick[pick["method"] == method][cols].rename(columns={"target": "emotion", "user": "input",
+                                                                "text": "reply"})
+        t = t.sort_values("emotion", key=lambda c: c.map({e: i for i, e in enumerate(cfg.emotions)}), kind="stable")
+        s.add_table(f"Example replies: {method} ({k} input(s) x {len(cfg.emotions)} target emotions; judged labels)",
+                    t.reset_index(drop=True))
+    return s
+
+
+def _side_effects_section(ctx: Context) -> Section:
+    from ..evaluate.side_effects import load_retention_qa
+
+    info, table = ctx.load("side_effect_cards"), ctx.load("side_effects")
+    g = info["guards"]
+    n_all = len(load_retention_qa())
+    s = Section("Step 10: side-effect card of each control method (test split)")
+    s.add_text("Perplexity of each method's replies under the unsteered model (P_neu prompt) and its ratio to the "
+               "unsteered replies; distinct-2 (share of unique word bigrams); restate = replies that copy or edit the "
+               "user's text (>= 30 % of their word bigrams occur in it, or an edit announcement); names emotion = "
+               "replies that contain the target emotion's word or an inflection; retention = accuracy on "
+               f"{info['retention_questions']} of the project's {n_all} factual/arithmetic questions "
+               f"({'all of them' if info['retention_questions'] >= n_all else 'a subset spread over the file; quick mode asks 12, the full configuration all ' + str(n_all)}"
+               f"), asked under the same intervention or emotion prompt ({info['retention_max_new_tokens']} new "
+               "tokens), against the unsteered model's accuracy (drop in points).",
+               f"Guards: perplexity ratio <= {g['max_ppl_ratio']:g}, restate <= {100 * g['max_restate']:.0f} %, names "
+               f"emotion <= {100 * g['max_name']:.0f} %, retention drop <= {100 * g['max_retention_drop']:.0f} points. "
+               "The unsteered row is the reference. These are reported, not used to choose the strengths (the "
+               "calibration's fluency guard chose them on the analysis split).")
+    s.add_table("Side-effect cards", table)
+    rr = ctx.load("retention_replies")
+    s.add_table("Retention answers (first 3 questions per method)",
+                rr.groupby("method", sort=False).head(3).reset_index(drop=True))
+    return s
+
+
+def _circuit_attention_section(ctx: Context) -> Section | None:
+    from ..viz.attention import AttentionView
+
+    if not ctx.has("circuit_attention"):
+        return None
+    res = ctx.load("circuit_attention")
+    if not res:
+        return None
+    cfg = ctx.config
+    s = Section("Circuit heads: attention patterns on example replies (circuitsvis)")
+    s.add_text(f"For each emotion, the circuit's {cfg.attention_top_heads} heads with the highest head score (step 4b), "
+               "read on the first test prompt followed by its circuit-modulated reply (teacher-forced) under the same "
+               f"modulation that produced it; the last {cfg.attention_max_tokens} tokens are shown. Rendered with "
+               "circuitsvis from the page's embedded script (offline).")
+    rows = []
+    for e in cfg.emotions:
+        r = res.get(e)
+        if r is None:
+            continue
+        reply = str(r.meta.get("reply", ""))
+        s.figure(f"{e}: heads {', '.join(r.labels['head'])} on the reply “{reply[:80]}”", AttentionView, r.scores,
+                 r.labels["query"], r.labels["head"], title=f"{e}: top circuit heads")
+        rows.append({"emotion": e, "heads": ", ".join(r.labels["head"]), "scale": r.meta.get("scale"),
+                     "reply": reply[:120]})
+    s.add_table("Heads shown per emotion", pd.DataFrame(rows))
     return s
 
 
@@ -1216,6 +1520,20 @@ STEPS: tuple[Step, ...] = (
          config=("emotions", "valences", "test_columns", "system_emo", "system_neu", "example_record",
                  "example_valence") + _STEER + _CIRCUIT + _GEN["prompt"] + _GEN["steer"] + _GEN["circuit"],
          data=("test_data",), section=_control_section),
+    Step("eval_unsteered_texts", eval_unsteered_texts_step, config=_TEST + ("system_neu",) + _GEN["circuit"],
+         data=("test_data",)),
+    Step("ensemble", ensemble_step, inputs=tuple(out for _, out in METHODS),
+         config=_TEST + ("system_emo", "system_neu", "ensemble_judges", "judge_model"),
+         data=("test_data", "judge_train"), section=_ensemble_section),
+    Step("side_effects", side_effects_step,
+         inputs=("stats", "circuits", "calibrate_steer", "calibrate_circuit") + tuple(out for _, out in METHODS),
+         config=_TEST + ("system_emo", "system_neu", "retention_questions", "retention_max_new_tokens",
+                         "gen_batch_size", "calib_max_ppl_ratio") + _STEER + _CIRCUIT,
+         data=("test_data",), section=_side_effects_section),
+    Step("circuit_attention", circuit_attention_step,
+         inputs=("stats", "scores", "circuits", "calibrate_circuit", "eval_circuit_texts"),
+         config=_TEST + ("system_neu", "attention_top_heads", "attention_max_tokens") + _CIRCUIT,
+         data=("test_data",)),
     Step("judge", judge_step, config=_JUDGE + ("judge_eval_columns",), data=("judge_train", "judge_eval"),
          section=_judge_section),
 )
@@ -1243,6 +1561,10 @@ def run(model, out_dir, *, quick: bool = False, progress: bool = True, config: P
         cfg = cfg.quick()
     cfg.check()
     judge = make_judge(cfg)  # bad judge settings fail here, before any work (it connects only when used)
+    if "nade" in cfg.ensemble_judges:  # a missing `nade` fails now, not after the generation steps
+        from ..evaluate.judges import _nade
+
+        _nade()
     check_data(cfg)
     root = Path(out_dir) / "paper2"
     try:
