@@ -3,7 +3,8 @@ generation versus prompt count (1-2,880) and sequence length (16-1,024), on the 
 
     python benchmarks/scaling.py                       # the full ladders (~40-60 min on 1 CPU thread)
     python benchmarks/scaling.py --counts 1,8 --lengths 16,64 --out /tmp/s.json --png /tmp/s.png   # smoke
-    python benchmarks/scaling.py --plot-only           # redraw the figure from the JSON
+    python benchmarks/scaling.py --plot-only           # redraw the figure (and RESULT) from the JSON
+    python benchmarks/scaling.py --table               # the markdown table of docs/performance.md
 
 Workload (SmolLM2-135M-Instruct, fp32, raw text without chat template, one torch thread):
 
@@ -247,6 +248,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
     ap.add_argument("--png", default=str(ROOT / "docs" / "assets" / "scaling_curve.png"))
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--table", action="store_true", help="print the docs' markdown table from the JSON")
     ap.add_argument("--point", nargs=3, metavar=("OP", "AXIS", "SIZE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.point:
@@ -263,9 +265,14 @@ def main() -> None:
                   Path(__file__).read_bytes().split(b"# ---------------------------------------------------------"
                                                      b"-------------------- parent")[0]).hexdigest()[:16]}
     data = json.loads(out.read_text()) if out.exists() else None
-    if args.plot_only:
-        plot(summarize(data)["series"], png)
-        print(f"figure {png}")
+    if args.table:
+        print(table(data))
+        return
+    if args.plot_only:  # also the RESULT line of whatever points the JSON holds (e.g. a stopped run)
+        summ = summarize(data)
+        plot(summ["series"], png)
+        print(f"figure {png}; {len(data['points'])} points")
+        print("RESULT " + " ".join(f"{k}={v:.2f}" for k, v in summ["result"].items()))
         return
     if not data or data.get("config") != config:
         data = {"benchmark": "scaling", "config": config, "machine": _machine(), "points": [],
@@ -279,7 +286,7 @@ def main() -> None:
             for op in OPS:
                 if (axis, op, size) in done:
                     continue
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
                 r = subprocess.run([sys.executable, __file__, "--point", op, axis, str(size),
                                     "--new-tokens", str(args.new_tokens)], env=env, capture_output=True, text=True)
                 lines = [ln for ln in r.stdout.splitlines() if ln.startswith("POINT ")]
@@ -288,6 +295,8 @@ def main() -> None:
                     raise SystemExit(f"point {axis}/{op}/{size} failed (exit {r.returncode})")
                 p = json.loads(lines[-1][6:])
                 p["wall_with_load_s"] = time.perf_counter() - t0
+                cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the child's own CPU time, load included:
+                p["child_cpu_s"] = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime  # less load-sensitive
                 p["finished_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
                 data["points"].append(p)
                 data.update(summarize(data))
@@ -307,6 +316,22 @@ def main() -> None:
     print(f"points {len(data['points'])}; this session {data['session_seconds']:.0f} s; machine {data['machine']}; "
           f"1-min load average {data['load_average_1min']}; figure {png}")
     print("RESULT " + " ".join(f"{k}={v:.2f}" for k, v in data["result"].items()))
+
+
+def table(data: dict) -> str:
+    """Markdown table of every series: sizes, seconds, tokens/s and memory growth (first -> last), slopes."""
+    rows = ["| series | sizes | seconds (first → last) | tokens/s at the largest | slope of log time (3 largest; "
+            "last segment) | peak memory growth MB (first → last) | slope of log memory |",
+            "|---|---|---|---|---|---|---|"]
+    for key, s in summarize(data)["series"].items():
+        axis, op = key.split("/")
+        last = max((p for p in data["points"] if p["axis"] == axis and p["op"] == op), key=lambda p: p["size"])
+        tps = last["n_prompts"] * last["tokens_per_prompt"] / last["seconds"]
+        rows.append(f"| {'prompts' if axis == 'prompts' else 'tokens'} / {op} | {', '.join(map(str, s['sizes']))} | "
+                    f"{s['seconds'][0]:.2f} → {s['seconds'][-1]:.1f} | {tps:.0f} | {s['time_slope']:.2f}; "
+                    f"{s['time_slope_last_segment']:.2f} | {s['mem_growth_mb'][0]:.0f} → {s['mem_growth_mb'][-1]:.0f} | "
+                    f"{s['mem_slope']:.2f} |")
+    return "\n".join(rows)
 
 
 def plot(series: dict, path: Path) -> None:
@@ -382,7 +407,8 @@ def plot(series: dict, path: Path) -> None:
             d.text((x1 - 200, y1 - 16 - 14 * (len(pts) - 1 - j)) if key == "seconds" else (x1 - 200, y0 + 8 + 14 * j),
                    lab, fill=c)
     d.text((pad, H - 22), "slopes: least squares of log y on log size over the 3 largest sizes; "
-           "SmolLM2-135M-Instruct fp32, 1 CPU thread; each point in a fresh process", fill=(90, 90, 90))
+           "SmolLM2-135M-Instruct fp32, 1 CPU thread; each point in a fresh process; wall time on a shared CPU "
+           "(see docs/performance.md for its noise)", fill=(90, 90, 90))
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 
