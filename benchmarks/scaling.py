@@ -1,7 +1,7 @@
 """Scaling curve: time and peak memory of capture, attribution, exact patching and steered
 generation versus prompt count (1-2,880) and sequence length (16-1,024), on the embedded model.
 
-    python benchmarks/scaling.py                       # the full ladders (~40-60 min on 1 CPU thread)
+    python benchmarks/scaling.py                       # the full ladders (~2 h on one thread of a busy 2-core CPU)
     python benchmarks/scaling.py --counts 1,8 --lengths 16,64 --out /tmp/s.json --png /tmp/s.png   # smoke
     python benchmarks/scaling.py --plot-only           # redraw the figure (and RESULT) from the JSON
     python benchmarks/scaling.py --table               # the markdown table of docs/performance.md
@@ -198,6 +198,15 @@ def slope(points: list[tuple[float, float]], k: int = 3) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else float("nan")
 
 
+def _measure_sha() -> str:
+    """Hash of the code that measures a point (constants and child section, not docs or plotting):
+    a resume never mixes points measured by different code."""
+    src = Path(__file__).read_text()
+    start = src.index("\nROOT = ")
+    end = src.index("# " + "-" * 77 + " parent")
+    return hashlib.sha256(src[start:end].encode()).hexdigest()[:16]
+
+
 def _atomic_write(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -261,9 +270,7 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     config = {"counts": counts, "lengths": lengths, "new_tokens": args.new_tokens, "prompt_tokens": PROMPT_TOKENS,
               "batch": BATCH, "patch_candidates": f"9 heads of layer {PATCH_LAYER}",
-              "steer": f"Add resid_post.{STEER_LAYER} all positions", "script_sha": hashlib.sha256(
-                  Path(__file__).read_bytes().split(b"# ---------------------------------------------------------"
-                                                     b"-------------------- parent")[0]).hexdigest()[:16]}
+              "steer": f"Add resid_post.{STEER_LAYER} all positions", "script_sha": _measure_sha()}
     data = json.loads(out.read_text()) if out.exists() else None
     if args.table:
         print(table(data))
