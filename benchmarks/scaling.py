@@ -327,7 +327,7 @@ def main() -> None:
 
 def table(data: dict) -> str:
     """Markdown table of every series: sizes, seconds, tokens/s and memory growth (first -> last), slopes."""
-    rows = ["| series | sizes | seconds (first → last) | tokens/s at the largest | slope of log time (3 largest; "
+    rows = ["| series | sizes | seconds (first → last) | prompt tokens/s at the largest | slope of log time (3 largest; "
             "last segment) | peak memory growth MB (first → last) | slope of log memory |",
             "|---|---|---|---|---|---|---|"]
     for key, s in summarize(data)["series"].items():
