@@ -1,88 +1,125 @@
 """Scaling curve: time and peak memory of capture, attribution, exact patching and steered
-generation versus prompt count and sequence length, on the embedded model.
+generation versus prompt count (1-2,880) and sequence length (16-1,024), on the embedded model.
 
-    python benchmarks/scaling.py [--budget 60] [--threads 1]
+    python benchmarks/scaling.py                       # the full ladders (~2 h on one thread of a busy 2-core CPU)
+    python benchmarks/scaling.py --counts 1,8 --lengths 16,64 --out /tmp/s.json --png /tmp/s.png   # smoke
+    python benchmarks/scaling.py --plot-only           # redraw the figure (and RESULT) from the JSON
+    python benchmarks/scaling.py --table               # the markdown table of docs/performance.md
 
-Prompt-count axis: 1, 4, 16, 64, 256, 1024, 2880 chat prompts (~50 tokens each; pairs that differ
-in one emotion word for attribution/patching). Sequence-length axis: 16 ... 1024 tokens of raw text
-(2 prompts/pairs). Each (operation, axis) series climbs the ladder until the next point would take
-its cumulative time past ``--budget`` seconds (predicted linearly from the last point), so the
-whole run stays near 8 x budget; the JSON says which points were measured.
+Workload (SmolLM2-135M-Instruct, fp32, raw text without chat template, one torch thread):
 
-- capture: streaming mean of resid_post at every layer, t* (batch 16)
-- attribution: AtP over resid x position and all heads (batch 16 pairs)
-- patching: exact head patching of the 27 heads of the last 3 layers (batch_size 64 rows; all 270
-  heads cost ~10x more per pair, with the same growth in prompts)
-- generate: greedy, 8 new tokens, Add at resid_post.7 on every position (batch 16)
+- prompt axis: ``--counts`` prompts (default 1, 12, 90, 720, 2880) of 16 tokens each (BOS included;
+  pairs for attribution/patching differ only in their last token, " happy" / " sad");
+- length axis: one prompt (one pair) of ``--lengths`` tokens (default 16, 64, 256, 1024);
+- capture: streaming mean of ``resid_post`` at all 30 layers at t* (batch 32 prompts);
+- attribution: AtP over residual x position and all 270 heads (batch 32 pairs);
+- patching: exact patching of the 9 heads of layer 15 (a fixed candidate set, so the cost per pair
+  is bounded), 32 pairs per chunk, one patched run of 32 rows per head, shared prefix reused;
+- generate: greedy, ``--new-tokens`` (4) forced new tokens, ``Add`` at ``resid_post.7`` on every
+  position, batch 32.
 
-Memory = peak RSS during the call minus RSS right before it (growth over the loaded model and
-whatever the process already held), sampled every 5 ms from /proc. The fitted slope is the
-least-squares slope of log(time) on log(size) over the three largest measured sizes of a series
-(at the smallest sizes fixed per-call costs dominate); slope <= 1 means linear or better.
+Each (axis, size, operation) point runs in a **fresh child process**: it loads the model, reads
+every weight once (they are memory-mapped from the safetensors cache, so the first forward would
+otherwise page ~540 MB of weights in and count them as growth), notes the resident set size (RSS), runs the operation once on a 1-prompt (16-token) input as a warm-up
+(first-call costs), then the timed call (repeated up to 5 times while the total stays under 3 s;
+the median is kept). Memory = peak RSS from right after the load to the end of the timed calls,
+minus the RSS after the load: growth over the loaded model, with nothing left over from earlier
+points. The peak is sampled every 2 ms from /proc and, when the kernel's own high-water mark
+(``ru_maxrss``) rose above what the load had reached, taken from that exact value instead.
+
+Points run size-major (all operations at one size before the next size; length axis first, it is
+cheap). After each point the JSON is rewritten atomically (temp file, fsync, rename); a rerun with
+the same configuration resumes from it, a changed configuration starts over. The fitted slope of a
+series is the least-squares slope of log(seconds) on log(size) over its three largest sizes
+(at the smallest ones fixed per-call costs dominate); slope <= 1 means linear or better.
 
 Writes benchmarks/results/scaling.json and docs/assets/scaling_curve.png and ends with
-``RESULT scaling_time_slope_prompts_max=<s> scaling_time_slope_seq_max=<t>``.
+``RESULT scaling_time_slope_prompts_max=.. scaling_time_slope_seq_max=.. scaling_mem_slope_prompts_max=..``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import gc
+import hashlib
+import json
 import math
 import os
+import platform
+import resource
+import statistics
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import PROMPTS, machine, rss_mb, write_json  # noqa: E402
-
-COUNTS = [1, 4, 16, 64, 256, 1024, 2880]
-LENGTHS = [16, 32, 64, 128, 256, 512, 1024]
-OPS = ("capture", "attribution", "patching", "generate")
+ROOT = Path(__file__).resolve().parents[1]
+OPS = ("capture", "generate", "patching", "attribution")  # cheapest first at each size
+AXES = ("seq_len", "prompts")
+PROMPT_TOKENS = 16
+BATCH = 32
+PATCH_LAYER = 15
+STEER_LAYER = 7
 FILLER = ("The morning was quiet and the streets were still wet from the rain that had fallen during the night. "
-          "People walked slowly to work, talking about the weather, the news and the plans they had for the weekend. ")
+          "People walked slowly to work, talking about the weather, the news and the plans they had for the weekend. "
+          "A bus stopped at the corner, a dog barked twice, and somewhere a radio was playing an old song. ")
+SUFFIX = " and then I felt so"
+PAIR_WORDS = (" happy", " sad")
 
 
-class PeakRSS:
-    """Peak resident memory growth (MB) during a block, sampled from a thread."""
+# ----------------------------------------------------------------------------- child: one point
 
-    def __enter__(self):
-        self.base = rss_mb()
-        self.peak = self.base
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class _PeakSampler:
+    """Highest RSS seen by a thread polling /proc every 2 ms (torch ops release the GIL)."""
+
+    def __init__(self):
+        self.peak = _rss_mb()
         self._stop = threading.Event()
-
-        def run():
-            while not self._stop.wait(0.005):
-                self.peak = max(self.peak, rss_mb())
-
-        self._t = threading.Thread(target=run, daemon=True)
+        self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
-        return self
 
-    def __exit__(self, *exc):
+    def _run(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss_mb())
+
+    def stop(self) -> float:
         self._stop.set()
         self._t.join()
-        self.peak = max(self.peak, rss_mb())
-        self.growth = self.peak - self.base
+        self.peak = max(self.peak, _rss_mb())
+        return self.peak
 
 
-def slope(points):
-    """Least-squares slope of log(seconds) on log(size) over the last 3 measured points (the largest
-    sizes: at the smallest, fixed per-call costs dominate and flatten the curve)."""
-    pts = points[-3:]
-    if len(pts) < 2:
-        return float("nan")
-    xs = [math.log(n) for n, _ in pts]
-    ys = [math.log(t) for _, t in pts]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    den = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else float("nan")
+def _texts(tok, bos: int, n_tokens: int, n: int, pair: bool) -> tuple[list[str], list[str] | None]:
+    """``n`` raw texts of ``n_tokens`` tokens (BOS included); for pairs, clean/corrupted that differ
+    only in the last word. Distinct texts: each starts at another offset of the filler."""
+    filler = tok(FILLER * 40, add_special_tokens=False)["input_ids"]
+    suf = SUFFIX + (PAIR_WORDS[0] if pair else "")
+    k = n_tokens - bos - len(tok(suf, add_special_tokens=False)["input_ids"])
+    if k < 1 or k > len(filler) - 200:
+        raise SystemExit(f"cannot build {n_tokens}-token texts")
+    # start each text at the beginning of a word so that decode -> encode keeps the token count
+    starts = [i for i in range(200) if tok.decode(filler[i:i + 1]).startswith(" ")] or [0]
+    bases = [tok.decode(filler[starts[i % len(starts)]:starts[i % len(starts)] + k]).strip() for i in range(n)]
+    if not pair:
+        return [b + SUFFIX for b in bases], None
+    return [b + SUFFIX + PAIR_WORDS[0] for b in bases], [b + SUFFIX + PAIR_WORDS[1] for b in bases]
 
 
-def main() -> None:
+def run_point(op: str, axis: str, size: int, new_tokens: int) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
     import emolens
     from emolens import Pos, capture, resid
     from emolens.attribution import attribute
@@ -90,112 +127,253 @@ def main() -> None:
     from emolens.metrics import logit_diff
     from emolens.patching import patch
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--budget", type=float, default=60.0, help="seconds per (operation, axis) series")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    m = emolens.load_model()  # weights keep requires_grad: attribute() differentiates through them
+    m = emolens.load_model()
     tok = m.tokenizer
-    metric = logit_diff(m, [tok(" That", add_special_tokens=False)["input_ids"][0]],
-                        [tok(" I", add_special_tokens=False)["input_ids"][0]])
+    bos = int(m.encode(["word"], chat=False).input_ids.shape[1]) - len(tok("word", add_special_tokens=False)["input_ids"])
+    metric = logit_diff(m, [tok(" happy", add_special_tokens=False)["input_ids"][0]],
+                        [tok(" sad", add_special_tokens=False)["input_ids"][0]])
     v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(0))
-    steer = [Add(resid(7), v / v.norm(), strength=1.0, pos=Pos.all())]
+    steer = [Add(resid(STEER_LAYER), v / v.norm(), strength=4.0, pos=Pos.all())]
     sites = [resid(L) for L in range(m.n_layers)]
-    cand = [(L, h) for L in range(m.n_layers - 3, m.n_layers) for h in range(m.n_heads)]  # 27 heads
-    Nmax = max(COUNTS)
-    prompts = [f"{PROMPTS[i % len(PROMPTS)]} (note {i})" for i in range(Nmax)]
-    tmpl = ["I just heard the news about my sister and I feel so {}. What should I say? (case {})",
-            "My exam results came back today and honestly I am {}. How do I tell them? (case {})"]
-    clean = [tmpl[i % 2].format("happy", i) for i in range(Nmax)]
-    corr = [tmpl[i % 2].format("sad", i) for i in range(Nmax)]
-    filler_ids = tok((FILLER * 60), add_special_tokens=False)["input_ids"]
+    cand = [(PATCH_LAYER, h) for h in range(m.n_heads)]
 
-    def seq_inputs(T):
-        base = tok.decode(filler_ids[:max(1, T - 4)])
-        return ([base + f" {k}" for k in ("Yes", "No")], [base + " I feel happy", base + " I feel glad"],
-                [base + " I feel sad", base + " I feel angry"])
-
-    def make(op, axis, size):
-        if axis == "prompts":
-            ps, cl, co, chat = prompts[:size], clean[:size], corr[:size], None
-        else:
-            ps, cl, co = seq_inputs(size)
-            chat = False
+    def make(n_prompts: int, n_tokens: int):
+        pair = op in ("attribution", "patching")
+        a, b = _texts(tok, bos, n_tokens, n_prompts, pair)
+        lens = [int(x) for x in m.encode(a, chat=False).attention_mask.sum(1)]
         if op == "capture":
-            return lambda: capture(m, ps, sites, pos="last", reduce="mean", batch_size=16, chat=chat, progress=False)
-        if op == "attribution":
-            return lambda: attribute(m, cl, co, metric, nodes=("resid", "heads"), batch_size=16, chat=chat,
-                                     progress=False)
-        if op == "patching":
-            return lambda: patch(m, cl, co, metric, nodes="heads", candidates=cand, batch_size=64, chat=chat,
+            fn = lambda: capture(m, a, sites, pos="last", reduce="mean", batch_size=BATCH, chat=False,  # noqa: E731
                                  progress=False)
-        return lambda: m.generate(ps, interventions=steer, max_new_tokens=8, min_new_tokens=8, batch_size=16,
-                                  chat=chat)
+        elif op == "attribution":
+            fn = lambda: attribute(m, a, b, metric, nodes=("resid", "heads"), batch_size=BATCH,  # noqa: E731
+                                   chat=False, progress=False)
+        elif op == "patching":
+            fn = lambda: patch(m, a, b, metric, nodes="heads", candidates=cand, batch_size=BATCH,  # noqa: E731
+                               chat=False, progress=False)
+        else:
+            fn = lambda: m.generate(a, interventions=steer, max_new_tokens=new_tokens,  # noqa: E731
+                                    min_new_tokens=new_tokens, batch_size=BATCH, chat=False)
+        return fn, lens
 
-    def tokens(axis, size):
-        if axis == "prompts":
-            return int(m.encode(prompts[:1]).input_ids.shape[1])
-        return int(m.encode(seq_inputs(size)[1][:1], chat=False).input_ids.shape[1])
+    n_prompts, n_tokens = (size, PROMPT_TOKENS) if axis == "prompts" else (1, size)
+    fn, lens = make(n_prompts, n_tokens)
+    warm, _ = make(1, PROMPT_TOKENS)
+    with torch.no_grad():  # the weights are memory-mapped: page them all in before the baseline
+        for t in list(m.bridge.parameters()) + list(m.bridge.buffers()):
+            float(t.detach().float().sum())
+    gc.collect()
+    rss0, maxrss0 = _rss_mb(), _maxrss_mb()
+    sampler = _PeakSampler()
+    warm()
+    times: list[float] = []
+    while True:
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 5 or sum(times) + times[-1] > 3.0:
+            break
+    peak = sampler.stop()
+    maxrss1 = _maxrss_mb()
+    exact = maxrss1 > maxrss0 + 0.5  # the kernel's high-water mark was set during the op: use it
+    if op == "generate":  # sanity: the forced new tokens were produced
+        assert len(out) == n_prompts
+    return {"op": op, "axis": axis, "size": size, "seconds": statistics.median(times), "seconds_all": times,
+            "rss_loaded_mb": rss0, "mem_growth_mb": (max(maxrss1, peak) if exact else peak) - rss0,
+            "mem_peak_source": "ru_maxrss" if exact and maxrss1 >= peak else "sampled",
+            "tokens_per_prompt": statistics.mean(lens), "tokens_min": min(lens), "tokens_max": max(lens),
+            "n_prompts": n_prompts, "load_average": os.getloadavg()}
 
-    make("capture", "prompts", 1)()  # warm-up (first-call costs)
+
+# ----------------------------------------------------------------------------- parent: ladder
+
+def slope(points: list[tuple[float, float]], k: int = 3) -> float:
+    """Least-squares slope of log(y) on log(size) over the ``k`` largest sizes."""
+    pts = sorted(points)[-k:]
+    if len(pts) < 2:
+        return float("nan")
+    xs = [math.log(n) for n, _ in pts]
+    ys = [math.log(max(t, 1e-9)) for _, t in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else float("nan")
+
+
+def _measure_sha() -> str:
+    """Hash of the code that measures a point (constants and child section, not docs or plotting):
+    a resume never mixes points measured by different code."""
+    src = Path(__file__).read_text()
+    start = src.index("\nROOT = ")
+    end = src.index("# " + "-" * 77 + " parent")
+    return hashlib.sha256(src[start:end].encode()).hexdigest()[:16]
+
+
+def _atomic_write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _machine() -> str:
+    import torch
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread"
+
+
+def summarize(data: dict) -> dict:
+    """Per-series slopes (time and memory) and the RESULT maxima."""
     series = {}
-    t_all = time.perf_counter()
-    for axis, ladder in (("prompts", COUNTS), ("seq_len", LENGTHS)):
+    for axis in AXES:
         for op in OPS:
-            pts, spent, last = [], 0.0, None
-            for size in ladder:
-                if last is not None and spent + last[1] * size / last[0] > args.budget:
-                    break
-                fn = make(op, axis, size)
-                with PeakRSS() as mem:
-                    t0 = time.perf_counter()
-                    fn()
-                    dt = time.perf_counter() - t0
-                spent += dt
-                last = (size, dt)
-                pts.append({"size": size, "seconds": dt, "mem_growth_mb": mem.growth, "tokens": tokens(axis, size)})
-                print(f"{axis:8s} {op:12s} {size:5d}: {dt:7.2f} s, +{mem.growth:6.1f} MB", flush=True)
-            s = slope([(p["size"], p["seconds"]) for p in pts])
-            series[f"{axis}/{op}"] = {"points": pts, "time_slope": s, "max_size": pts[-1]["size"]}
-            print(f"{axis:8s} {op:12s} fitted time slope {s:.2f} (up to {pts[-1]['size']})", flush=True)
-    total = time.perf_counter() - t_all
-    sp = max(series[f"prompts/{op}"]["time_slope"] for op in OPS)
-    sl = max(series[f"seq_len/{op}"]["time_slope"] for op in OPS)
-    res = {"scaling_time_slope_prompts_max": round(sp, 3), "scaling_time_slope_seq_max": round(sl, 3)}
-    write_json("scaling", res, series=series, total_seconds=total, budget_s=args.budget)
-    png = Path(__file__).resolve().parents[1] / "docs" / "assets" / "scaling_curve.png"
-    plot(series, png)
-    print(f"total {total:.0f} s; figure {png}; machine: {machine()}; load average {os.getloadavg()}")
-    print(f"RESULT scaling_time_slope_prompts_max={sp:.2f} scaling_time_slope_seq_max={sl:.2f}")
+            pts = sorted((p for p in data["points"] if p["axis"] == axis and p["op"] == op), key=lambda p: p["size"])
+            if not pts:
+                continue
+            t = [(p["size"], p["seconds"]) for p in pts]
+            mem = [(p["size"], max(p["mem_growth_mb"], 1.0)) for p in pts]  # 1 MB floor: log of ~0
+            series[f"{axis}/{op}"] = {
+                "sizes": [p["size"] for p in pts], "seconds": [p["seconds"] for p in pts],
+                "mem_growth_mb": [p["mem_growth_mb"] for p in pts],
+                "time_slope": slope(t), "time_slope_last_segment": slope(t, 2),
+                "mem_slope": slope(mem), "max_size": pts[-1]["size"]}
+    res = {}
+    for axis, key in (("prompts", "prompts"), ("seq_len", "seq")):
+        ts = [s["time_slope"] for k, s in series.items() if k.startswith(axis + "/") and not math.isnan(s["time_slope"])]
+        ms = [s["mem_slope"] for k, s in series.items() if k.startswith(axis + "/") and not math.isnan(s["mem_slope"])]
+        if ts:
+            res[f"scaling_time_slope_{key}_max"] = round(max(ts), 3)
+        if ms:
+            res[f"scaling_mem_slope_{key}_max"] = round(max(ms), 3)
+    return {"series": series, "result": res}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--counts", default="1,12,90,720,2880")
+    ap.add_argument("--lengths", default="16,64,256,1024")
+    ap.add_argument("--new-tokens", type=int, default=4)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
+    ap.add_argument("--png", default=str(ROOT / "docs" / "assets" / "scaling_curve.png"))
+    ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--table", action="store_true", help="print the docs' markdown table from the JSON")
+    ap.add_argument("--point", nargs=3, metavar=("OP", "AXIS", "SIZE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.point:
+        op, axis, size = args.point
+        print("POINT " + json.dumps(run_point(op, axis, int(size), args.new_tokens)), flush=True)
+        return
+
+    out, png = Path(args.out), Path(args.png)
+    counts = [int(x) for x in args.counts.split(",")]
+    lengths = [int(x) for x in args.lengths.split(",")]
+    config = {"counts": counts, "lengths": lengths, "new_tokens": args.new_tokens, "prompt_tokens": PROMPT_TOKENS,
+              "batch": BATCH, "patch_candidates": f"9 heads of layer {PATCH_LAYER}",
+              "steer": f"Add resid_post.{STEER_LAYER} all positions", "script_sha": _measure_sha()}
+    data = json.loads(out.read_text()) if out.exists() else None
+    if args.table:
+        print(table(data))
+        return
+    if args.plot_only:  # also the RESULT line of whatever points the JSON holds (e.g. a stopped run)
+        summ = summarize(data)
+        plot(summ["series"], png)
+        print(f"figure {png}; {len(data['points'])} points")
+        print("RESULT " + " ".join(f"{k}={v:.2f}" for k, v in summ["result"].items()))
+        return
+    if not data or data.get("config") != config:
+        data = {"benchmark": "scaling", "config": config, "machine": _machine(), "points": [],
+                "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    done = {(p["axis"], p["op"], p["size"]) for p in data["points"]}
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", EMOLENS_PROGRESS="0", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t_all = time.perf_counter()
+    for axis, ladder in (("seq_len", lengths), ("prompts", counts)):
+        for size in ladder:
+            for op in OPS:
+                if (axis, op, size) in done:
+                    continue
+                t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+                r = subprocess.run([sys.executable, __file__, "--point", op, axis, str(size),
+                                    "--new-tokens", str(args.new_tokens)], env=env, capture_output=True, text=True)
+                lines = [ln for ln in r.stdout.splitlines() if ln.startswith("POINT ")]
+                if r.returncode or not lines:
+                    sys.stderr.write(r.stderr[-3000:])
+                    raise SystemExit(f"point {axis}/{op}/{size} failed (exit {r.returncode})")
+                p = json.loads(lines[-1][6:])
+                p["wall_with_load_s"] = time.perf_counter() - t0
+                cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the child's own CPU time, load included:
+                p["child_cpu_s"] = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime  # less load-sensitive
+                p["finished_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+                data["points"].append(p)
+                data.update(summarize(data))
+                _atomic_write(out, data)
+                print(f"{axis:8s} {op:12s} {size:5d}: {p['seconds']:8.2f} s  +{p['mem_growth_mb']:7.1f} MB  "
+                      f"({p['tokens_per_prompt']:.0f} tok/prompt, load {p['load_average'][0]:.1f})", flush=True)
+    data.update(summarize(data))
+    data["finished_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    data["session_seconds"] = time.perf_counter() - t_all
+    loads = [p["load_average"][0] for p in data["points"]]
+    data["load_average_1min"] = {"min": min(loads), "median": statistics.median(loads), "max": max(loads)}
+    _atomic_write(out, data)
+    plot(data["series"], png)
+    for k, s in data["series"].items():
+        print(f"{k:22s} time slope {s['time_slope']:.2f} (last segment {s['time_slope_last_segment']:.2f}), "
+              f"memory slope {s['mem_slope']:.2f}, up to {s['max_size']}")
+    print(f"points {len(data['points'])}; this session {data['session_seconds']:.0f} s; machine {data['machine']}; "
+          f"1-min load average {data['load_average_1min']}; figure {png}")
+    print("RESULT " + " ".join(f"{k}={v:.2f}" for k, v in data["result"].items()))
+
+
+def table(data: dict) -> str:
+    """Markdown table of every series: sizes, seconds, tokens/s and memory growth (first -> last), slopes."""
+    rows = ["| series | sizes | seconds (first → last) | prompt tokens/s at the largest | slope of log time (3 largest; "
+            "last segment) | peak memory growth MB (first → last) | slope of log memory |",
+            "|---|---|---|---|---|---|---|"]
+    for key, s in summarize(data)["series"].items():
+        axis, op = key.split("/")
+        last = max((p for p in data["points"] if p["axis"] == axis and p["op"] == op), key=lambda p: p["size"])
+        tps = last["n_prompts"] * last["tokens_per_prompt"] / last["seconds"]
+        rows.append(f"| {'prompts' if axis == 'prompts' else 'tokens'} / {op} | {', '.join(map(str, s['sizes']))} | "
+                    f"{s['seconds'][0]:.2f} → {s['seconds'][-1]:.1f} | {tps:.0f} | {s['time_slope']:.2f}; "
+                    f"{s['time_slope_last_segment']:.2f} | {s['mem_growth_mb'][0]:.0f} → {s['mem_growth_mb'][-1]:.0f} | "
+                    f"{s['mem_slope']:.2f} |")
+    return "\n".join(rows)
 
 
 def plot(series: dict, path: Path) -> None:
-    """Two log-log panels (time vs prompts, time vs tokens) and two linear-ish memory panels, with Pillow."""
+    """Four log-log panels (time / peak memory growth vs prompt count / sequence length), with Pillow."""
     from PIL import Image, ImageDraw
 
-    W, H, pad = 1200, 800, 70
+    W, H, pad = 1200, 820, 70
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     colors = {"capture": (31, 119, 180), "attribution": (255, 127, 14), "patching": (44, 160, 44),
               "generate": (214, 39, 40)}
-    panels = [("prompts", "seconds", "time vs prompt count"), ("seq_len", "seconds", "time vs sequence length (tokens)"),
-              ("prompts", "mem_growth_mb", "peak memory growth (MB) vs prompt count"),
-              ("seq_len", "mem_growth_mb", "peak memory growth (MB) vs sequence length")]
+    panels = [("prompts", "seconds", "time (s) vs prompt count (16 tokens each)"),
+              ("seq_len", "seconds", "time (s) vs sequence length (1 prompt)"),
+              ("prompts", "mem_growth_mb", "peak memory growth over the loaded model (MB) vs prompt count"),
+              ("seq_len", "mem_growth_mb", "peak memory growth over the loaded model (MB) vs sequence length")]
     pw, ph = W // 2, H // 2
     for k, (axis, key, title) in enumerate(panels):
         x0, y0 = (k % 2) * pw + pad, (k // 2) * ph + 40
         x1, y1 = (k % 2 + 1) * pw - 20, (k // 2 + 1) * ph - 50
         d.text((x0, y0 - 30), title, fill="black")
         d.rectangle([x0, y0, x1, y1], outline="black")
-        pts = {op: [(p["size"], max(p[key], 0.1)) for p in series[f"{axis}/{op}"]["points"]] for op in OPS}
+        pts = {op: list(zip(series[f"{axis}/{op}"]["sizes"], [max(y, 1.0 if key != "seconds" else 1e-3)
+                                                              for y in series[f"{axis}/{op}"][key]]))
+               for op in OPS if f"{axis}/{op}" in series}
         xs = [x for v in pts.values() for x, _ in v]
         ys = [y for v in pts.values() for _, y in v]
+        if not xs:
+            continue
         lx0, lx1 = math.log10(min(xs)), math.log10(max(xs)) + 1e-9
         ly0, ly1 = math.log10(min(ys)), math.log10(max(ys)) + 1e-9
         if ly1 - ly0 < 1:
             ly0 -= 0.5
             ly1 += 0.5
+        if lx1 - lx0 < 0.5:
+            lx1 += 0.5
 
         def X(x):
             return x0 + (math.log10(x) - lx0) / (lx1 - lx0) * (x1 - x0)
@@ -203,20 +381,27 @@ def plot(series: dict, path: Path) -> None:
         def Y(y):
             return y1 - (math.log10(y) - ly0) / (ly1 - ly0) * (y1 - y0)
 
-        for e in range(math.floor(lx0), math.ceil(lx1) + 1):
-            if lx0 <= e <= lx1:
-                d.line([X(10 ** e), y1, X(10 ** e), y1 + 5], fill="black")
-                d.text((X(10 ** e) - 10, y1 + 8), f"{10 ** e:g}", fill="black")
+        for x in sorted(set(xs)):  # a tick at every measured size
+            d.line([X(x), y1, X(x), y1 + 5], fill="black")
+            d.text((X(x) - 3 * len(f"{x:g}"), y1 + 8), f"{x:g}", fill="black")
         for e in range(math.floor(ly0), math.ceil(ly1) + 1):
-            if ly0 <= e <= ly1:
-                d.line([x0 - 5, Y(10 ** e), x0, Y(10 ** e)], fill="black")
-                d.text((x0 - 45, Y(10 ** e) - 6), f"{10 ** e:g}", fill="black")
-        if key == "seconds":  # slope-1 guide through the lowest first point
-            xa, ya = min(xs), min(y for x, y in zip(xs, ys) if x == min(xs))
-            xb = max(xs)
-            yb = ya * xb / xa
-            d.line([X(xa), Y(ya), X(xb), Y(min(yb, 10 ** ly1))], fill=(170, 170, 170), width=1)
-            d.text((x0 + 8, y0 + 8), "grey: linear (slope 1)", fill=(120, 120, 120))
+            for f in ((1, 2, 5) if ly1 - ly0 < 3 else (1,)):
+                yv = f * 10 ** e
+                if ly0 <= math.log10(yv) <= ly1:
+                    d.line([x0 - 5, Y(yv), x0, Y(yv)], fill="black")
+                    d.line([x0, Y(yv), x1, Y(yv)], fill=(235, 235, 235))
+                    d.text((x0 - 50, Y(yv) - 6), f"{yv:g}", fill="black")
+        if key == "seconds":  # slope-1 guides (dashed grey) ending at each series' largest point
+            for v in pts.values():
+                xb, yb = v[-1]
+                xa = max(min(xs), xb / 10 ** (ly1 - ly0))
+                for s in range(12):
+                    fa, fb = s / 12, (s + 0.5) / 12
+                    pa = xa * (xb / xa) ** fa
+                    pb = xa * (xb / xa) ** fb
+                    if yb * pa / xb >= 10 ** ly0:
+                        d.line([X(pa), Y(yb * pa / xb), X(pb), Y(yb * pb / xb)], fill=(185, 185, 185), width=1)
+            d.text((x0 + 8, y0 + 8), "dashed grey: slope 1 (linear) through each largest point", fill=(120, 120, 120))
         for j, (op, v) in enumerate(pts.items()):
             c = colors[op]
             xy = [(X(x), Y(y)) for x, y in v]
@@ -224,8 +409,13 @@ def plot(series: dict, path: Path) -> None:
                 d.line(xy, fill=c, width=2)
             for px, py in xy:
                 d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=c)
-            lab = op + (f" (slope {series[f'{axis}/{op}']['time_slope']:.2f})" if key == "seconds" else "")
-            d.text((x1 - 190, y0 + 8 + 14 * j), lab, fill=c)
+            sk = "time_slope" if key == "seconds" else "mem_slope"
+            lab = f"{op} (slope {series[f'{axis}/{op}'][sk]:.2f})"
+            d.text((x1 - 200, y1 - 16 - 14 * (len(pts) - 1 - j)) if key == "seconds" else (x1 - 200, y0 + 8 + 14 * j),
+                   lab, fill=c)
+    d.text((pad, H - 22), "slopes: least squares of log y on log size over the 3 largest sizes; "
+           "SmolLM2-135M-Instruct fp32, 1 CPU thread; each point in a fresh process; wall time on a shared CPU "
+           "(see docs/performance.md for its noise)", fill=(90, 90, 90))
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 
