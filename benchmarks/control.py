@@ -303,7 +303,9 @@ def main(argv=None) -> int:
                                 "ppl": corpus_perplexity(model, cps.prompts, texts), "retention": ret})
             ccache.put("calibration", cal)
             log(f"calib {m} {v:g}: done")
-    cal["rows"] = [r for r in cal["rows"] if float(r["value"]) in sweeps.get(r["method"], ())]
+    order = {(m, v): i for i, (m, vals) in enumerate(sweeps.items()) for v in vals}  # table order = sweep order
+    cal["rows"] = sorted((r for r in cal["rows"] if (r["method"], float(r["value"])) in order),
+                         key=lambda r: order[(r["method"], float(r["value"]))])
     log(f"calibration generated in {time.time() - t0:.0f}s")
     base_ppl_c = cal["base"]["ppl"]
     calib_table, chosen, per_emotion_rows = [], {}, {e: [] for e in EMOS}
