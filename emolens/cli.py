@@ -119,10 +119,9 @@ def _pipeline(name: str):
 
 def _run_args(p):
     _model_arg(p)
-    p.add_argument("--out", default="runs", help="folder that holds run folders (default: ./runs)")
-    p.add_argument("--name", default=None, help="run folder name (default: a timestamp); never reused unless "
-                   "--overwrite is given")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same --name")
+    from emolens.pipelines.options import add_run_folder_args
+
+    add_run_folder_args(p, overwrite_with_resume="continue it under changed options (changed steps recompute)")
     p.add_argument("--quick", action="store_true", help="small data and few tokens: a fast smoke run")
     p.add_argument("--only", choices=("paper1", "paper2", "overview"), default=None,
                    help="run only one pipeline (overview = the built-in model overview)")
@@ -287,12 +286,11 @@ def _attribute_args(p):
     p.add_argument("--target", required=True, help="answer token text for the clean prompt, e.g. ' happy'")
     p.add_argument("--foil", required=True, help="answer token text for the corrupted prompt, e.g. ' sad'")
     p.add_argument("--chat", action="store_true", help="wrap the prompts in the chat template")
-    p.add_argument("--out", default="runs", help="folder that holds run folders (default: ./runs)")
-    p.add_argument("--name", default=None, help="run folder name (default: a timestamp)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same --name; with "
-                   "--resume: continue it under changed options")
-    p.add_argument("--resume", default=None, metavar="DIR", help="reuse the attribution saved in the run folder DIR "
-                   "when the model and options match (refused otherwise unless --overwrite)")
+    from emolens.pipelines.options import add_run_folder_args
+
+    add_run_folder_args(p, overwrite_with_resume="continue it under changed options",
+                        resume_help="reuse the attribution saved in the run folder DIR when the model and options "
+                                    "match (refused otherwise unless --overwrite)")
     p.add_argument("--top", type=_positive_int, default=10, help="rows in the top-component tables (>= 1)")
     p.add_argument("--method", default="atp", choices=("atp", "atp*", "ig"),
                    help="attribution patching, AtP* (QK fix + GradDrop) or integrated gradients (default: atp)")

@@ -30,6 +30,18 @@ COLUMN_TARGETS = {"analysis": ("paper2", "analysis_columns"), "test": ("paper2",
                   "openers": ("paper1", "openers_columns")}
 
 
+def add_run_folder_args(p, *, overwrite_with_resume: str, resume_help: str | None = None) -> None:
+    """``--out``, ``--name``, ``--overwrite`` (and ``--resume DIR`` when ``resume_help`` is given) of a
+    command that writes a run folder; ``overwrite_with_resume`` says what ``--overwrite --resume`` does."""
+    p.add_argument("--out", default="runs", help="folder that holds run folders (default: ./runs)")
+    p.add_argument("--name", default=None, help="run folder name (default: a timestamp); never reused unless "
+                   "--overwrite is given")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same --name; with "
+                   f"--resume: {overwrite_with_resume}")
+    if resume_help is not None:
+        p.add_argument("--resume", default=None, metavar="DIR", help=resume_help)
+
+
 def add_data_args(p, pipelines=("paper1", "paper2")) -> None:
     """``--analysis-data`` ... options of the given pipelines, ``--columns``, ``--config`` and ``--resume``."""
     for opt, (pipe, _, help_) in DATA_OPTIONS.items():

@@ -878,12 +878,11 @@ def add_steer_args(p) -> None:
     p.add_argument("--save-gguf", default=None, help="also write the steering vector as a llama.cpp control vector")
     p.add_argument("--pairs-data", default=None, help="contrastive pairs to build the vector from (JSONL/CSV/parquet "
                    "or a datasets folder; schema: emotion, positive, negative[, split]); default: the packaged pairs")
-    p.add_argument("--out", default="runs", help="folder that holds run folders (default: ./runs)")
-    p.add_argument("--name", default=None, help="run folder name (default: a timestamp)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same --name; with "
-                   "--resume: continue it under changed options (only the steps they affect recompute)")
-    p.add_argument("--resume", default=None, metavar="DIR", help="continue the steer run in DIR: the vectors and "
-                   "replies it finished are reused; refused if DIR holds another model or options unless --overwrite")
+    from .options import add_run_folder_args
+
+    add_run_folder_args(p, overwrite_with_resume="continue it under changed options (only the steps they affect "
+                        "recompute)", resume_help="continue the steer run in DIR: the vectors and replies it finished "
+                        "are reused; refused if DIR holds another model or options unless --overwrite")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -1583,15 +1583,12 @@ def run(model, out_dir, *, quick: bool = False, progress: bool = True, config: P
 # =========================================================================================
 def add_circuit_args(p) -> None:
     """Options of ``emolens circuit``."""
-    from .options import add_data_args
+    from .options import add_data_args, add_run_folder_args
 
     p.add_argument("--model", default=None, help="model (default: the embedded smollm2-135m-instruct; on a GPU e.g. "
                    "meta-llama/Llama-3.2-3B-Instruct or Qwen/Qwen2.5-7B-Instruct)")
     p.add_argument("--device", default=None)
-    p.add_argument("--out", default="runs", help="folder that holds run folders")
-    p.add_argument("--name", default=None, help="run folder name (default: timestamp)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same --name; with "
-                   "--resume: continue it under a changed configuration (changed steps recompute)")
+    add_run_folder_args(p, overwrite_with_resume="continue it under a changed configuration (changed steps recompute)")
     p.add_argument("--quick", action="store_true", help="small data, few tokens (a few minutes on CPU)")
     p.add_argument("--paper", action="store_true", help="the paper's hyperparameters (alpha 8, scale 1, acceptance "
                    "filter on; no calibration)")
