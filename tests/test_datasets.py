@@ -16,6 +16,7 @@ from emolens.datasets import (
     SCHEMAS,
     SEV_VALENCES,
     load_contrastive_pairs,
+    load_judge_labelled,
     load_diagnostic_tasks,
     load_openers,
     load_sev,
@@ -67,7 +68,7 @@ def test_constants():
                                       "fear", "sadness", "disgust"}
     assert EMOTIONS_SEV == ("anger", "sadness", "happiness", "fear", "surprise", "disgust")
     assert SEV_VALENCES == ("positive", "neutral", "negative")
-    assert set(SCHEMAS) == {"contrastive_pairs", "diagnostic_tasks", "openers", "sev"}
+    assert set(SCHEMAS) == {"contrastive_pairs", "diagnostic_tasks", "openers", "sev", "judge_labelled"}
     for spec in SCHEMAS.values():
         assert set(spec["required"]) <= set(spec["fields"])
         assert set(spec["example"]) == set(spec["fields"])
@@ -77,7 +78,7 @@ def test_schema_examples_load(tmp_path):
     """The example record of every schema is itself valid input for its loader."""
     loaders = {"contrastive_pairs": load_contrastive_pairs,
                "diagnostic_tasks": load_diagnostic_tasks, "openers": load_openers,
-               "sev": load_sev}
+               "sev": load_sev, "judge_labelled": load_judge_labelled}
     for name, spec in SCHEMAS.items():
         p = tmp_path / f"{name}.jsonl"
         p.write_text(json.dumps(spec["example"]) + "\n", encoding="utf-8")
