@@ -229,12 +229,15 @@ def test_paper2_report_renders_offline_in_chromium(tiny_run, tmp_path):
     assert all(f["ok"] for f in res.figures), res.summary()
 
 
-def test_pooled_perplexity_equals_corpus_perplexity_with_repeats():
-    from emolens.evaluate.fluency import corpus_perplexity
+def test_corpus_perplexity_scores_repeats_once_with_the_same_value():
+    import math
+
+    from emolens.evaluate.fluency import corpus_perplexity, reply_nll
 
     m = get_model("tiny-llama")
     prompts = ["I lost my keys.", "I lost my keys.", "I won a prize.", "I lost my keys.", "I won a prize."]
     texts = ["Oh no, that is bad.", "Oh no, that is bad.", "Great news!", "Keep looking.", "Great news!"]
-    want = corpus_perplexity(m, prompts, texts)
-    assert P2.pooled_perplexity(m, prompts, texts) == pytest.approx(want, rel=1e-6)
-    assert P2.pooled_perplexity(m, prompts[:3], texts[:3]) != pytest.approx(want, rel=1e-3)  # the weights matter
+    nll, n = reply_nll(m, prompts, texts)  # independent reference: every row scored
+    want = math.exp(float(nll.sum()) / float(n.sum()))
+    assert corpus_perplexity(m, prompts, texts) == pytest.approx(want, rel=1e-6)
+    assert corpus_perplexity(m, prompts[:3], texts[:3]) != pytest.approx(want, rel=1e-3)  # the weights matter

@@ -82,7 +82,24 @@ def perplexity(model, prompts: Sequence[Any], texts: Sequence[str], **kw) -> np.
 
 
 def corpus_perplexity(model, prompts: Sequence[Any], texts: Sequence[str], **kw) -> float:
-    """Token-pooled perplexity ``exp(sum NLL / sum tokens)`` over all replies (NaN if none has tokens)."""
-    nll, n = reply_nll(model, prompts, texts, **kw)
-    total = int(n.sum())
-    return math.exp(float(nll.sum()) / total) if total else float("nan")
+    """Token-pooled perplexity ``exp(sum NLL / sum tokens)`` over all replies (NaN if none has tokens).
+
+    Each distinct (prompt, reply) pair is scored once and weighted by its count: the same value with
+    less work when rows repeat (e.g. one unsteered reply per target emotion).
+    """
+    import json
+
+    prompts, texts = list(prompts), list(texts)
+    if len(prompts) != len(texts):
+        raise InputError(f"corpus_perplexity(): {len(prompts)} prompts but {len(texts)} replies; pass one each.")
+    keys = [json.dumps(p, sort_keys=True, default=str) + "\x00" + str(t) for p, t in zip(prompts, texts)]
+    first: dict[str, int] = {}
+    count: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+        count[k] = count.get(k, 0) + 1
+    uniq = list(first.values())
+    nll, n = reply_nll(model, [prompts[i] for i in uniq], [texts[i] for i in uniq], **kw)
+    w = np.array([count[keys[i]] for i in uniq], dtype=float)
+    total = float((w * np.asarray(n, dtype=float)).sum())
+    return math.exp(float((w * np.asarray(nll, dtype=float)).sum()) / total) if total else float("nan")

@@ -63,7 +63,7 @@ __all__ = ["Paper2Config", "SIZES", "STEPS", "GenEval", "make_judge", "generate_
            "eval_circuit_texts_step", "eval_prompting_step", "eval_steering_step", "eval_circuit_step",
            "examples_step", "judge_step", "run", "circuit_cli", "add_circuit_args", "METHODS", "make_ensemble",
            "eval_unsteered_texts_step", "ensemble_step", "side_effects_step", "circuit_attention_step",
-           "ensemble_tables", "pooled_perplexity"]
+           "ensemble_tables"]
 
 
 
@@ -1004,26 +1004,12 @@ def _retention_qa(cfg: Paper2Config) -> list[dict]:
     return qa[::max(1, len(qa) // n)][:n]
 
 
-def pooled_perplexity(model, prompts, texts) -> float:
-    """:func:`~emolens.evaluate.fluency.corpus_perplexity` that scores each distinct (prompt, reply) pair once and
-    weights it by its count (the unsteered rows repeat one reply per target emotion): the same value, less work."""
-    from ..evaluate.fluency import reply_nll
-
-    keys = [json.dumps(p, sort_keys=True) + "\x00" + t for p, t in zip(prompts, texts)]
-    first = {k: i for i, k in reversed(list(enumerate(keys)))}
-    uniq = sorted(first.values())
-    count = pd.Series(keys).value_counts()
-    nll, n = reply_nll(model, [prompts[i] for i in uniq], [texts[i] for i in uniq])
-    w = np.array([count[keys[i]] for i in uniq], dtype=float)
-    total = float((w * n).sum())
-    return float(np.exp((w * nll).sum() / total)) if total else float("nan")
-
-
 def side_effects_step(ctx: Context) -> dict:
     """10. Side-effect card of every method on the test split: perplexity of its replies under the unsteered
     model (and the ratio to unsteered replies), distinct-2, restatement and emotion-name rates, and task retention
     on the project's retention questions asked under the same intervention (or emotion prompt) vs unsteered."""
     from ..circuits.prompts import neu_prompts
+    from ..evaluate.fluency import corpus_perplexity
     from ..evaluate.side_effects import Guards, card_table, retention_accuracy, side_effect_card
 
     cfg = _strengths(ctx)
@@ -1047,7 +1033,7 @@ def side_effects_step(ctx: Context) -> dict:
     emos = list(cfg.emotions)
     for method, out in METHODS:
         texts[method] = ctx.load(out)["text"].tolist()
-        ppl[method] = pooled_perplexity(model, ps.prompts, texts[method])
+        ppl[method] = corpus_perplexity(model, ps.prompts, texts[method])
         ret[method], ok, replies = retention_accuracy(asker(method), emos, qa)
         rows += [{"method": method, "question": q["question"], "emotion": emos[i % len(emos)], "reply": r,
                   "correct": bool(c)} for i, (q, r, c) in enumerate(zip(qa, replies, ok))]
