@@ -17,6 +17,8 @@ Protocol (fixed before any run):
    chosen point; judges: NRC lexicon, NADE, MiniLM probe (+ an OpenAI-compatible LLM judge when
    ``--judge-url`` is given); majority vote; Wilson 95 % intervals; side-effect cards with all 50
    retention questions.
+4. The RESULT line's ``variant`` is chosen on calibration too: the generalising variant with the highest
+   calibration accuracy at a point that passes every guard there (never the test split's best row).
 
 All prompts use one neutral system prompt (``--system``; default a conversational one: under the
 paper's "Keep the reply to at most two sentences." SmolLM2-135M restates/edits the user's text in
@@ -46,6 +48,11 @@ EMOS = ("anger", "sadness", "happiness", "fear", "surprise", "disgust")
 CHAT_SYSTEM = ("You are talking with a friend who tells you what happened to them. "
                "Respond to them in at most two sentences.")
 PAPER_SYSTEM = "Keep the reply to at most two sentences."
+#: circuit_blend: P_emo's payload + BLEND_WEIGHT x the story payload (fixed before its calibration sweep; part of
+#: the cache keys, so changing it recomputes the blend's rows)
+BLEND_WEIGHT = 0.5
+#: the generalising variants compared with the paper-faithful reference circuit (issue 10, item 3)
+VARIANTS = ("circuit_reply", "circuit_noname", "circuit_story", "circuit_story_reply", "story_steer", "circuit_blend")
 
 
 def log(*a):
@@ -108,6 +115,8 @@ def main(argv=None) -> int:
     ap.add_argument("--story-circuit-scales", default="2,3,4")
     ap.add_argument("--story-reply-scales", default="2,3,4")
     ap.add_argument("--story-alphas", default="1")
+    ap.add_argument("--blend-scales", default="1.5,2,2.5",
+                    help="circuit_blend scales (P_emo payload x s + story payload x s x BLEND_WEIGHT)")
     ap.add_argument("--system", default=CHAT_SYSTEM)
     ap.add_argument("--paper-prompt", action="store_true", help="use the paper's neutral system prompt")
     ap.add_argument("--judge-url", default=None)
@@ -122,9 +131,9 @@ def main(argv=None) -> int:
     import emolens
     from emolens.circuits.assembly import assemble_circuit
     from emolens.circuits.components import head_scores_from_stats, neuron_scores_from_stats
-    from emolens.circuits.control import (MENTION_TEMPLATE, generate_with, load_stories, name_confound_removed,
-                                          per_emotion_choice, reply_modulation_interventions, story_directions,
-                                          text_difference_vectors)
+    from emolens.circuits.control import (MENTION_TEMPLATE, blend_payloads, generate_with, load_stories,
+                                          name_confound_removed, per_emotion_choice, reply_modulation_interventions,
+                                          story_directions, text_difference_vectors)
     from emolens.circuits.directions import collect_sev_stats, difference_vectors, emotion_directions
     from emolens.circuits.influence import layers_from_fraction, sigma, sublayer_influence
     from emolens.circuits.modulation import modulation_interventions
@@ -145,10 +154,10 @@ def main(argv=None) -> int:
     qa_kw = {"max_new_tokens": 12, "repetition_penalty": 1.1, "no_repeat_ngram_size": 3}
     # the test cache: its entries are keyed by method and strength, so an extended sweep reuses them
     sweep_args = ("steer_alphas", "circuit_scales", "reply_scales", "noname_scales", "story_circuit_scales",
-                  "story_reply_scales", "story_alphas")
+                  "story_reply_scales", "story_alphas", "blend_scales")
     cfg = {k: v for k, v in vars(args).items()
            if k not in ("out", "judge_url", "judge_model", "calib_only") + sweep_args}
-    cfg.update(system_used=system, gen_kw=gen_kw, guards=guards.to_dict(), v=3)
+    cfg.update(system_used=system, gen_kw=gen_kw, guards=guards.to_dict(), blend_weight=BLEND_WEIGHT, v=3)
     cache = Cache(Path(args.out), cfg)
     # the analysis step depends only on these: reruns with other sweeps or test files reuse it
     akeys = ("analysis", "model", "stats_records", "influence_samples", "valence", "budget", "min_neurons",
@@ -157,7 +166,7 @@ def main(argv=None) -> int:
     # calibration rows are keyed by (method, value) inside: a changed sweep grid reuses the rows it shares
     ckeys = akeys + ("calib_records", "calib_retention", "max_new_tokens", "gen_batch")
     ccache = Cache(Path(args.out) / "calibration", {**{k: cfg[k] for k in ckeys}, "system_used": system,
-                                                    "gen_kw": gen_kw, "v": 2})
+                                                    "gen_kw": gen_kw, "blend_weight": BLEND_WEIGHT, "v": 2})
     log("cache", cache.dir, "analysis cache", acache.dir, "calibration cache", ccache.dir)
 
     model = emolens.load_model(args.model)
@@ -239,6 +248,7 @@ def main(argv=None) -> int:
             "confound PCs per layer", story.meta["n_confound"])
 
     steer_layers = layers_from_fraction(L, (0.39, 0.72))
+    bl_mlp, bl_attn = blend_payloads(dmu_mlp, st_mlp, BLEND_WEIGHT), blend_payloads(dmu_attn, st_attn, BLEND_WEIGHT)
     methods = {
         "steering": lambda a: (lambda e: steering_interventions(model, directions, e, steer_layers, a)),
         "circuit": lambda s: (lambda e: modulation_interventions(model, circuits[e], dmu_mlp, dmu_attn, s)),
@@ -249,11 +259,12 @@ def main(argv=None) -> int:
         "circuit_story_reply": lambda s: (lambda e: reply_modulation_interventions(model, circuits[e], st_mlp, st_attn,
                                                                                    s)),
         "story_steer": lambda a: (lambda e: steering_interventions(model, story, e, steer_layers, a)),
+        "circuit_blend": lambda s: (lambda e: modulation_interventions(model, circuits[e], bl_mlp, bl_attn, s)),
     }
     sweeps = {"steering": args.steer_alphas, "circuit": args.circuit_scales, "circuit_reply": args.reply_scales,
               "circuit_noname": args.noname_scales, "circuit_story": args.story_circuit_scales,
               "circuit_story_reply": args.story_reply_scales,
-              "story_steer": args.story_alphas}
+              "story_steer": args.story_alphas, "circuit_blend": args.blend_scales}
     sweeps = {k: [float(x) for x in v.split(",")] for k, v in sweeps.items()}
     qa = load_retention_qa()
 
@@ -335,6 +346,16 @@ def main(argv=None) -> int:
         best = select_operating_point(rows, guards)
         chosen[m] = float(best["value"]) if best is not None else None
     per_scales = per_emotion_choice(per_emotion_rows, guards, default=chosen.get("circuit") or sweeps["circuit"][0])
+    # the RESULT line's variant: the generalising variant with the highest calibration accuracy at a point that passes
+    # every guard on calibration (chosen on analysis data, never on the test split); the per-emotion variant is left
+    # out here because its calibration accuracy is per emotion. If no variant passes, the most accurate one (flagged).
+    cal_acc = {m: max(r["accuracy"] for r in rows if float(r["value"]) == chosen[m])
+               for m, rows in by_method.items() if chosen.get(m) is not None}
+    variant_names = [v for v in VARIANTS if v in sweeps]
+    passing_cal = [v for v in variant_names if v in cal_acc]
+    calib_best = (max(passing_cal, key=lambda v: cal_acc[v]) if passing_cal else
+                  max(variant_names, key=lambda v: max(r["accuracy"] for r in by_method[v])))
+    log("variant chosen on calibration:", calib_best, {v: round(cal_acc[v], 3) for v in passing_cal})
     ct = pd.DataFrame(calib_table)
     ct["accuracy"] = (100 * ct["accuracy"]).round(1)
     log("calibration (analysis split, majority vote):\n" + ct.to_string(index=False))
@@ -362,6 +383,7 @@ def main(argv=None) -> int:
         "circuit_story": (methods["circuit_story"](strength("circuit_story")), None),
         "circuit_story_reply": (methods["circuit_story_reply"](strength("circuit_story_reply")), None),
         "story_steer": (methods["story_steer"](strength("story_steer")), None),
+        "circuit_blend": (methods["circuit_blend"](strength("circuit_blend")), None),
     }
     test_strength = {"unsteered": 0, "prompting": 0, "circuit_per_emotion": json.dumps(per_scales, sort_keys=True),
                      **{m: strength(m) for m in methods}}
@@ -430,14 +452,12 @@ def main(argv=None) -> int:
 
     acc = {n: float(frames[n]["majority"].mean()) for n in frames}
     ci = {n: wilson_interval(int(frames[n]["majority"].sum()), len(frames[n])) for n in frames}
-    variants = ["circuit_reply", "circuit_per_emotion", "circuit_noname", "circuit_story", "circuit_story_reply",
-                "story_steer"]
     card_by = {c.method: c for c in cards}
-    passing = [v for v in variants if card_by[v].passes(guards)]
-    best_v = max(passing or variants, key=lambda v: acc[v])
+    best_v = calib_best
     sep = {m: not intervals_overlap(ci[best_v], ci[m]) for m in ("steering", "prompting")}
-    print(f"\nbest variant: {best_v} ({'passes' if best_v in passing else 'FAILS'} the guards); "
-          f"CI separated from steering: {sep['steering']}, from prompting: {sep['prompting']}")
+    print(f"\nvariant chosen on calibration: {best_v} ({'passes' if card_by[best_v].passes(guards) else 'FAILS'} "
+          f"the guards on the test card); CI separated from steering: {sep['steering']}, "
+          f"from prompting: {sep['prompting']}")
     print(f"total time {time.time() - t_all:.0f}s")
     c = card_by["circuit"]
     v = card_by[best_v]

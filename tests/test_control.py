@@ -310,3 +310,44 @@ def test_name_confound_removed_hand_case():
     assert out.meta["confound_removed"] is True
     with pytest.raises(InputError, match="same model"):
         name_confound_removed(mk(v), mk(c[:, :1]))
+
+
+def test_blend_payloads_hand_case_and_equals_two_modulations(tiny_llama):
+    """a + w*b by hand; modulating with the blend at s equals modulating with a at s and b at s*w together."""
+    import torch
+
+    from emolens.circuits.assembly import DIMS, Circuit
+    from emolens.circuits.control import blend_payloads
+    from emolens.circuits.modulation import modulation_interventions
+    from emolens.results import Result
+
+    mk = lambda kind, s, axes: Result(kind, s, axes, {"emotion": ["anger", "fear"]}, {}, {})  # noqa: E731
+    a = mk("neurons", torch.tensor([[[1.0, 2.0]], [[0.0, -1.0]]]), ("emotion", "layer", "neuron"))
+    b = mk("neurons", torch.tensor([[[4.0, 0.0]], [[2.0, 2.0]]]), ("emotion", "layer", "neuron"))
+    torch.testing.assert_close(blend_payloads(a, b, 0.5).scores, torch.tensor([[[3.0, 2.0]], [[1.0, 0.0]]]))
+    with pytest.raises(InputError, match="same model"):
+        blend_payloads(a, mk("neurons", torch.zeros(2, 2, 2), ("emotion", "layer", "neuron")), 1.0)
+    with pytest.raises(InputError, match="different emotions"):
+        blend_payloads(a, Result("neurons", b.scores, b.axes, {"emotion": ["fear", "anger"]}, {}, {}), 1.0)
+    with pytest.raises(InputError, match="NaN"):
+        blend_payloads(a, b, float("nan"))
+
+    m = tiny_llama
+    g = torch.Generator().manual_seed(0)
+    E = ["anger", "fear"]
+    pay = lambda: (  # noqa: E731
+        Result("neurons", torch.randn(2, m.n_layers, m.d_mlp, generator=g), ("emotion", "layer", "neuron"),
+               {"emotion": E}, {}, {}),
+        Result("head_vectors", torch.randn(2, m.n_layers, m.n_heads, m.d_head, generator=g),
+               ("emotion", "layer", "head", "dim"), {"emotion": E}, {}, {}))
+    (am, aa), (bm, ba) = pay(), pay()
+    circ = Circuit("fear", {k: getattr(m, k) for k in DIMS} | {"name": m.name}, {0: [1, 3], m.n_layers - 1: [0]},
+                   {1: [0, m.n_heads - 1]})
+    w, s = 0.5, 2.0
+    one = modulation_interventions(m, circ, blend_payloads(am, bm, w), blend_payloads(aa, ba, w), s)
+    two = modulation_interventions(m, circ, am, aa, s) + modulation_interventions(m, circ, bm, ba, s * w)
+    prompts = ["I lost my keys again today", "The train was late"]
+    base = m.forward(prompts)
+    lo, lt = m.forward(prompts, interventions=one), m.forward(prompts, interventions=two)
+    assert (lo - base).abs().max() > 1e-3  # the payload does something
+    torch.testing.assert_close(lo, lt, atol=1e-4, rtol=1e-4)

@@ -18,6 +18,9 @@
   {emotion}.") are the confound; each payload vector loses its projection on them, so modulation
   keeps what the instruction adds beyond the word (why: P_emo's payload makes small models name the
   emotion outright instead of expressing it).
+* :func:`blend_payloads` - one payload from two: ``a + weight * b`` (e.g. P_emo's instruction payload
+  plus the show-not-name story payload), so one circuit carries both what the instruction asks for
+  and how the emotion reads in text.
 * :func:`per_emotion_choice` - per-emotion strengths from a calibration sweep with the same guarded rule.
 
 All interventions are plain :class:`~emolens.interventions.Add` specs run by the one hook engine.
@@ -38,7 +41,8 @@ from .assembly import Circuit
 from .modulation import modulation_interventions
 
 __all__ = ["reply_modulation_interventions", "load_stories", "story_directions", "confound_basis",
-           "per_emotion_choice", "text_difference_vectors", "name_confound_removed", "MENTION_TEMPLATE"]
+           "per_emotion_choice", "text_difference_vectors", "name_confound_removed", "blend_payloads",
+           "MENTION_TEMPLATE"]
 
 #: System-prompt prefix of the lexical control for :func:`name_confound_removed`: the emotion word
 #: is present, the instruction to express it is not.
@@ -196,6 +200,27 @@ def name_confound_removed(dmu: Result, confound: Result) -> Result:
     out = (v - coef * c).float()
     return Result(dmu.kind, out, dmu.axes, dict(dmu.labels), {}, {**dmu.meta, "confound_removed": True,
                                                                 "confound": confound.meta.get("method", "")})
+
+
+def blend_payloads(a: Result, b: Result, weight: float) -> Result:
+    """``a + weight * b`` for two difference-vector results of the same kind, layout and emotions.
+
+    Modulating with the blend at scale ``s`` equals modulating with ``a`` at ``s`` and ``b`` at
+    ``s * weight`` together (the hooks add), in one :class:`~emolens.interventions.Add` per site.
+    """
+    if a.kind != b.kind or tuple(a.scores.shape) != tuple(b.scores.shape):
+        raise InputError(f"blend_payloads(): {a.kind} {tuple(a.scores.shape)} vs {b.kind} {tuple(b.scores.shape)}; "
+                         "pass difference vectors of the same model and layout.")
+    if a.labels.get("emotion") != b.labels.get("emotion"):
+        raise InputError("blend_payloads(): the two payloads list different emotions (or orders); compute both for "
+                         "the same emotions in the same order.")
+    w = float(weight)
+    if not torch.isfinite(a.scores).all() or not torch.isfinite(b.scores).all() or w != w or abs(w) == float("inf"):
+        raise InputError("blend_payloads(): NaN or infinite values in a payload or the weight; recompute the payloads.")
+    out = (a.scores.double() + w * b.scores.double()).float()
+    return Result(a.kind, out, a.axes, dict(a.labels), {},
+                  {**a.meta, "metric": a.meta.get("metric", "activation difference"),
+                   "method": f"blend: ({a.meta.get('method', 'a')}) + {w:g} x ({b.meta.get('method', 'b')})"})
 
 
 def per_emotion_choice(per_emotion_rows: Mapping[str, Sequence[Mapping]], guards, default: float) -> dict[str, float]:
