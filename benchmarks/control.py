@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--story-circuit-scales", default="2,3,4")
     ap.add_argument("--story-reply-scales", default="2,3,4")
     ap.add_argument("--story-alphas", default="1")
-    ap.add_argument("--blend-scales", default="1.5,2,2.5",
+    ap.add_argument("--blend-scales", default="1.5,1.75,2,2.5",
                     help="circuit_blend scales (P_emo payload x s + story payload x s x BLEND_WEIGHT)")
     ap.add_argument("--system", default=CHAT_SYSTEM)
     ap.add_argument("--paper-prompt", action="store_true", help="use the paper's neutral system prompt")
@@ -190,6 +190,13 @@ def main(argv=None) -> int:
         acc, conf = evaluate_judge(j, args.judge_eval)  # default: the project's held-out set, disjoint from SEV
         judge_rows.append({"judge": name, "acc": acc, "n": conf.attrs["n"],
                            **{e: conf.attrs["per_emotion_accuracy"].get(e, float("nan")) for e in EMOS}})
+    # the majority vote itself on the same labelled texts: the ceiling of the control accuracies below (a reply
+    # that shows the emotion as clearly as a labelled sentence is matched this often)
+    from emolens.datasets import load_judge_labelled
+    ds = load_judge_labelled(args.judge_eval, split="eval", emotions=list(EMOS))
+    mv = ens.judge(list(ds["text"]), list(ds["emotion"]))
+    judge_rows.append({"judge": "majority", "acc": float(mv["majority"].mean()), "n": len(mv),
+                       **{e: float(mv.loc[mv.target == e, "majority"].mean()) for e in EMOS}})
     judge_set = args.judge_eval or "judge_eval.jsonl"
     log(f"judge accuracy on {judge_set}:\n" + pd.DataFrame(judge_rows).round(3).to_string(index=False))
 
@@ -466,7 +473,7 @@ def main(argv=None) -> int:
           f"restate_rate_circuit={c.restate_rate:.3f} name_rate_circuit={c.name_rate:.3f} "
           f"variant={best_v} variant_acc={acc[best_v]:.3f} ppl_ratio_variant={v.ppl_ratio:.2f} "
           f"restate_rate_variant={v.restate_rate:.3f} name_rate_variant={v.name_rate:.3f} "
-          f"retention_drop_variant={v.retention_drop:.3f}")
+          f"retention_drop_variant={v.retention_drop:.3f} majority_on_labelled={judge_rows[-1]['acc']:.3f}")
     return 0
 
 
