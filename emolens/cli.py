@@ -140,6 +140,20 @@ def _run_args(p):
              "emolens run --quick --only paper2 --out runs --name circuits --no-progress",
              "emolens run --model meta-llama/Llama-3.1-8B-Instruct --device cuda --out runs --name llama8b",
          ])(_run_args)
+def _pipeline_config(name: str, mod, m, args, overrides: dict):
+    """The pipeline's configuration: defaults, then ``--quick``, then ``--config`` and the data options, so
+    a field the user sets explicitly wins over the quick preset (``None`` for a pipeline without one)."""
+    from emolens.pipelines import options
+
+    if name == "paper1" and hasattr(mod, "Paper1Config"):
+        base = mod.Paper1Config()
+    elif name == "paper2" and hasattr(mod, "Paper2Config"):
+        base = mod.Paper2Config.for_model(m)
+    else:
+        return None
+    return options.apply(base.quick() if args.quick else base, name, args, overrides)
+
+
 def _run(args) -> int:
     import time
 
@@ -162,12 +176,9 @@ def _run(args) -> int:
             missing.append(name)
             continue
         mods[name] = mod
-        if name == "paper1" and hasattr(mod, "Paper1Config"):
-            cfg = options.apply(mod.Paper1Config(), "paper1", args, overrides)
-            configs[name] = cfg.quick() if args.quick else cfg
-        elif name == "paper2" and hasattr(mod, "Paper2Config"):
-            cfg = options.apply(mod.Paper2Config.for_model(m), "paper2", args, overrides)
-            configs[name] = cfg.quick() if args.quick else cfg
+        cfg = _pipeline_config(name, mod, m, args, overrides)
+        if cfg is not None:
+            configs[name] = cfg
     for name, cfg in configs.items():  # bad data files fail before a run folder exists
         if hasattr(mods[name], "check_data"):
             mods[name].check_data(cfg)

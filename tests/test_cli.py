@@ -235,3 +235,24 @@ def test_unknown_option_and_command_fail_clearly(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--help"])
     assert e.value.code == 0 and "emolens steer --help" in capsys.readouterr().out
+
+
+def test_explicit_config_fields_win_over_the_quick_preset():
+    """`--quick --config` keeps the user's fields (the preset used to overwrite them after they were applied)."""
+    from emolens.pipelines import options, paper1, paper2
+
+    conf = json.dumps({"paper1": {"n_heldout": 5, "positions": {"all": [0.2]}},
+                       "paper2": {"test_max_records": 7, "calib_scales": [1.0, 6.0]}})
+    args = cli.build_parser("run").parse_args(["--quick", "--config", conf])
+    over = options.read_config_file(args.config, ("paper1", "paper2"))
+    c1 = cli._pipeline_config("paper1", paper1, None, args, over)
+    assert c1.n_heldout == 5 and dict(c1.positions) == {"all": (0.2,)}
+    assert c1.max_new_tokens == paper1.Paper1Config().quick().max_new_tokens != paper1.Paper1Config().max_new_tokens
+    c2 = cli._pipeline_config("paper2", paper2, "smollm2-135m-instruct", args, over)
+    q2 = paper2.Paper2Config.for_model("smollm2-135m-instruct").quick()
+    assert c2.test_max_records == 7 != q2.test_max_records and tuple(c2.calib_scales) == (1.0, 6.0)
+    assert c2.calib_records == q2.calib_records  # the rest of the preset stays
+    a2 = cli.build_parser("circuit").parse_args(["--quick", "--config", json.dumps({"test_max_records": 7})])
+    assert paper2.config_from_args("smollm2-135m-instruct", a2).test_max_records == 7
+    plain = cli._pipeline_config("paper1", paper1, None, cli.build_parser("run").parse_args([]), {})
+    assert plain == paper1.Paper1Config()

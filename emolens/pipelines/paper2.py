@@ -1594,6 +1594,7 @@ def config_from_args(m, args) -> Paper2Config:
     from . import options
 
     cfg = Paper2Config.paper() if getattr(args, "paper", False) else Paper2Config.for_model(m)
+    cfg = cfg.quick() if args.quick else cfg  # first, so explicit --config fields and options win over the preset
     cfg = options.apply(cfg, "paper2", args, options.read_config_file(args.config, getattr(args, "_pipelines",
                                                                                           ("paper2",))))
     kw = {}
@@ -1602,8 +1603,7 @@ def config_from_args(m, args) -> Paper2Config:
             kw[k] = getattr(args, k)
     if getattr(args, "calibrate", False):
         kw.update(steer_alpha=None, circuit_scale=None)
-    cfg = cfg.replace(**kw) if kw else cfg
-    return cfg.quick() if args.quick else cfg
+    return cfg.replace(**kw) if kw else cfg
 
 
 def circuit_cli(args) -> int:
