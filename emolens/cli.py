@@ -134,12 +134,6 @@ def _run_args(p):
     add_backend_args(p)
 
 
-@command("run", "run the pipelines on a model and write a self-contained report.html into a new run folder",
-         examples=[
-             "emolens run --quick --out runs --name first",
-             "emolens run --quick --only paper2 --out runs --name circuits --no-progress",
-             "emolens run --model meta-llama/Llama-3.1-8B-Instruct --device cuda --out runs --name llama8b",
-         ])(_run_args)
 def _pipeline_config(name: str, mod, m, args, overrides: dict):
     """The pipeline's configuration: defaults, then ``--quick``, then ``--config`` and the data options, so
     a field the user sets explicitly wins over the quick preset (``None`` for a pipeline without one)."""
@@ -154,6 +148,12 @@ def _pipeline_config(name: str, mod, m, args, overrides: dict):
     return options.apply(base.quick() if args.quick else base, name, args, overrides)
 
 
+@command("run", "run the pipelines on a model and write a self-contained report.html into a new run folder",
+         examples=[
+             "emolens run --quick --out runs --name first",
+             "emolens run --quick --only paper2 --out runs --name circuits --no-progress",
+             "emolens run --model meta-llama/Llama-3.1-8B-Instruct --device cuda --out runs --name llama8b",
+         ])(_run_args)
 def _run(args) -> int:
     import time
 

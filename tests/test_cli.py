@@ -256,3 +256,4 @@ def test_explicit_config_fields_win_over_the_quick_preset():
     assert paper2.config_from_args("smollm2-135m-instruct", a2).test_max_records == 7
     plain = cli._pipeline_config("paper1", paper1, None, cli.build_parser("run").parse_args([]), {})
     assert plain == paper1.Paper1Config()
+    assert cli.COMMANDS["run"][2] is cli._run  # the command is still wired to its runner
