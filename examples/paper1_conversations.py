@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = Paper1Config()
+    cfg = Paper1Config().quick() if args.quick else Paper1Config()  # the preset first: --config fields win
     if args.config:
         cfg = Paper1Config.from_dict({**cfg.to_dict(), **json.loads(Path(args.config).read_text())})
     try:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     m = emolens.load_model(args.model, device=args.device)
     print(f"model: {m!r}\nrun folder: {run_dir}", flush=True)
-    sections = run(m, run_dir, quick=args.quick, progress=not args.no_progress, config=cfg, resume=True)
+    sections = run(m, run_dir, progress=not args.no_progress, config=cfg, resume=True)
     elapsed = time.time() - t0
     settings = {"quick": args.quick, "threads": torch.get_num_threads(), "config": cfg.to_dict()}
     if report is not None:
