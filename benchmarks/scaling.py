@@ -7,7 +7,7 @@ generation versus prompt count (1-2,880) and sequence length (16-1,024), on the 
     python benchmarks/scaling.py --table               # the markdown table of docs/performance.md
     python benchmarks/scaling.py --counts "" --ops capture,attribution,patching --attn eager,auto \
         --out benchmarks/results/scaling_seq.json --png docs/assets/scaling_seq.png   # length ladder, both attentions
-    python benchmarks/scaling.py --compare-attn 1024   # eager vs SDPA side by side in one process (ratio)
+    python benchmarks/scaling.py --compare-attn 256,1024   # eager vs SDPA side by side in one process
 
 Workload (SmolLM2-135M-Instruct, fp32, raw text without chat template, one torch thread):
 
@@ -25,11 +25,12 @@ Workload (SmolLM2-135M-Instruct, fp32, raw text without chat template, one torch
 attribution and patching: ``auto`` runs them on the plain transformers modules with SDPA
 attention, ``eager`` on the TransformerLens bridge (eager attention, ``[heads, T, T]`` patterns).
 Series measured with ``eager`` are keyed ``axis/op@eager``; the RESULT maxima cover the default
-(``auto``) series, and ``..._eager`` keys the eager ones. ``--compare-attn T`` instead times eager
-and SDPA for the three operations on one ``T``-token pair in one process (interleaved repeats,
-medians), checks the results agree, and ends with
-``RESULT sdpa_speedup_<op>_<T>=<eager s / sdpa s> ... capture_max_rel_diff=.. scores_max_abs_diff=..``
-(metric units).
+(``auto``) series, and ``..._eager`` keys the eager ones. ``--compare-attn 256,1024`` instead times
+eager and SDPA for the three operations on one pair of each length in one process (interleaved
+repeats with alternating order, medians; writes benchmarks/results/scaling_attn.json), checks the
+results agree, and ends with ``RESULT sdpa_speedup_<op>_<T>=<eager s / sdpa s> ...
+seq_slope_<op>_<eager|sdpa>=<slope between the two lengths> ... capture_max_rel_diff=..
+scores_max_abs_diff=..`` (metric units): the before/after slopes under one load.
 
 Each (axis, size, operation) point runs in a **fresh child process**: it loads the model, reads
 every weight once (they are memory-mapped from the safetensors cache, so the first forward would
@@ -278,7 +279,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--ops", default=",".join(OPS), help="comma list of operations to measure")
     ap.add_argument("--attn", default="auto", help="auto (SDPA where possible), eager, or both: eager,auto")
-    ap.add_argument("--compare-attn", type=int, metavar="T", help="eager vs SDPA on one T-token pair, one process")
+    ap.add_argument("--compare-attn", metavar="T[,T2..]", help="eager vs SDPA on one pair per length, one process")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repeats for --compare-attn")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
     ap.add_argument("--png", default=str(ROOT / "docs" / "assets" / "scaling_curve.png"))
@@ -291,8 +292,9 @@ def main() -> None:
         print("POINT " + json.dumps(run_point(op, axis, int(size), args.new_tokens, args.attn)), flush=True)
         return
     if args.compare_attn:
-        compare_attn(args.compare_attn, args.reps, Path(args.out) if args.out != ap.get_default("out") else
-                     ROOT / "benchmarks" / "results" / f"scaling_attn_{args.compare_attn}.json")
+        lens = [int(x) for x in args.compare_attn.split(",")]
+        compare_attn(lens, args.reps, Path(args.out) if args.out != ap.get_default("out") else
+                     ROOT / "benchmarks" / "results" / "scaling_attn.json")
         return
     ops = [o for o in OPS if o in args.ops.split(",")]
     attns = [a for a in ("eager", "auto") if a in args.attn.split(",")]
@@ -361,9 +363,10 @@ def main() -> None:
     print("RESULT " + " ".join(f"{k}={v:.2f}" for k, v in data["result"].items()))
 
 
-def compare_attn(T: int, reps: int, out: Path) -> None:
-    """Eager (bridge) vs SDPA (plain modules) for capture, attribution and patching on one T-token
-    pair, in one process: interleaved repeats (order alternating), medians, results compared."""
+def compare_attn(lengths: list[int], reps: int, out: Path) -> None:
+    """Eager (bridge) vs SDPA (plain modules) for capture, attribution and patching on one pair of
+    each length in ``lengths``, in one process: interleaved repeats (order alternating), medians,
+    results compared; the slope between the two largest lengths is measured under the same load."""
     import torch
 
     torch.set_num_threads(1)
@@ -392,43 +395,58 @@ def compare_attn(T: int, reps: int, out: Path) -> None:
                                                      progress=False, attn=attn).scores},
         }
 
-    run, warm = fns(T), fns(PROMPT_TOKENS)
-    n_tok = int(m.encode(_texts(tok, bos, T, 1, True)[0], chat=False).input_ids.shape[1])
-    for f in warm.values():
+    runs = {T: fns(T) for T in lengths}
+    for f in fns(PROMPT_TOKENS).values():  # first-call costs
         for attn in ("eager", "auto"):
             f(attn)
-    times = {op: {"eager": [], "auto": []} for op in run}
+    ops = list(runs[lengths[0]])
+    times = {(T, op, a): [] for T in lengths for op in ops for a in ("eager", "auto")}
     first: dict = {}
     for r in range(reps):
-        for op, f in run.items():
-            for attn in (("eager", "auto") if r % 2 == 0 else ("auto", "eager")):
-                t0 = time.perf_counter()
-                res = f(attn)
-                times[op][attn].append(time.perf_counter() - t0)
-                first.setdefault((op, attn), res)
-                print(f"rep {r} {op:12s} {attn:5s} {times[op][attn][-1]:7.2f} s (load {os.getloadavg()[0]:.1f})",
-                      flush=True)
-    rows = {}
-    for op in run:
-        e, s_ = first[(op, "eager")], first[(op, "auto")]
-        absd = max(float((s_[k] - e[k]).nan_to_num().abs().max()) for k in e)
-        rel = max(float((s_[k] - e[k]).nan_to_num().abs().max() / (e[k].nan_to_num().abs().max() + 1e-12)) for k in e)
-        me, ms = statistics.median(times[op]["eager"]), statistics.median(times[op]["auto"])
-        rows[op] = {"eager_s": times[op]["eager"], "sdpa_s": times[op]["auto"], "eager_median_s": me,
-                    "sdpa_median_s": ms, "speedup": me / ms, "max_abs_diff": absd, "max_rel_diff": rel,
-                    "max_abs_value": max(float(e[k].nan_to_num().abs().max()) for k in e)}
-        print(f"{op:12s} eager {me:7.2f} s  sdpa {ms:7.2f} s  speedup {me / ms:5.2f}  max abs diff {absd:.1e} "
-              f"(rel. to the largest value {rel:.1e})")
-    data = {"benchmark": "scaling --compare-attn", "tokens": n_tok, "reps": reps, "ops": rows,
-            "machine": _machine(), "load_average_end": os.getloadavg(),
+        for T in lengths:
+            for op in ops:
+                for attn in (("eager", "auto") if r % 2 == 0 else ("auto", "eager")):
+                    t0 = time.perf_counter()
+                    res = runs[T][op](attn)
+                    times[(T, op, attn)].append(time.perf_counter() - t0)
+                    first.setdefault((T, op, attn), res)
+                    print(f"rep {r} T={T:5d} {op:12s} {attn:5s} {times[(T, op, attn)][-1]:7.2f} s "
+                          f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows: dict = {}
+    Tmax = max(lengths)
+    for T in lengths:
+        for op in ops:
+            e, s_ = first[(T, op, "eager")], first[(T, op, "auto")]
+            absd = max(float((s_[k] - e[k]).nan_to_num().abs().max()) for k in e)
+            rel = max(float((s_[k] - e[k]).nan_to_num().abs().max() / (e[k].nan_to_num().abs().max() + 1e-12))
+                      for k in e)
+            me, ms = med[(T, op, "eager")], med[(T, op, "auto")]
+            rows[f"{op}/{T}"] = {"eager_s": times[(T, op, "eager")], "sdpa_s": times[(T, op, "auto")],
+                                 "eager_median_s": me, "sdpa_median_s": ms, "speedup": me / ms,
+                                 "max_abs_diff": absd, "max_rel_diff": rel,
+                                 "max_abs_value": max(float(e[k].nan_to_num().abs().max()) for k in e)}
+            print(f"T={T:5d} {op:12s} eager {me:7.2f} s  sdpa {ms:7.2f} s  speedup {me / ms:5.2f}  "
+                  f"max abs diff {absd:.1e} (rel. to the largest value {rel:.1e})")
+    slopes = {}
+    if len(lengths) > 1:
+        T0 = sorted(lengths)[-2]
+        for op in ops:
+            for a, name in (("eager", "eager"), ("auto", "sdpa")):
+                slopes[f"{op}_{name}"] = math.log(med[(Tmax, op, a)] / med[(T0, op, a)]) / math.log(Tmax / T0)
+        print("slopes " + ", ".join(f"{k} {v:.2f}" for k, v in slopes.items()) + f" ({T0} -> {Tmax} tokens)")
+    data = {"benchmark": "scaling --compare-attn", "lengths": lengths, "reps": reps, "rows": rows,
+            "slopes_last_segment": slopes, "machine": _machine(), "load_average_end": os.getloadavg(),
             "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "workload": "one pair (capture: its clean text); capture = mean resid_post at all 30 layers at t*; "
-                        "attribution = AtP resid x position + 270 heads; patching = 9 heads of layer 15"}
+            "workload": "one pair per length (capture: its clean text); capture = mean resid_post at all 30 "
+                        "layers at t*; attribution = AtP resid x position + 270 heads; patching = 9 heads of "
+                        "layer 15; timed calls interleaved eager/sdpa with alternating order, medians"}
     _atomic_write(out, data)
     print(f"raw timings: {out}")
-    print("RESULT " + " ".join(f"sdpa_speedup_{op}_{T}={r['speedup']:.2f}" for op, r in rows.items())
-          + f" capture_max_rel_diff={rows['capture']['max_rel_diff']:.1e}"
-          + f" scores_max_abs_diff={max(rows[o]['max_abs_diff'] for o in ('attribution', 'patching')):.1e}")
+    print("RESULT " + " ".join(f"sdpa_speedup_{op}_{Tmax}={rows[f'{op}/{Tmax}']['speedup']:.2f}" for op in ops)
+          + "".join(f" seq_slope_{k}={v:.2f}" for k, v in slopes.items())
+          + f" capture_max_rel_diff={max(r['max_rel_diff'] for k, r in rows.items() if k.startswith('capture')):.1e}"
+          + f" scores_max_abs_diff={max(r['max_abs_diff'] for k, r in rows.items() if not k.startswith('capture')):.1e}")
 
 
 def table(data: dict) -> str:
