@@ -832,8 +832,10 @@ def _pad_logits(logits: torch.Tensor, T: int) -> torch.Tensor:
     k = logits.shape[1]
     if k >= T:
         return logits
-    pad = logits.new_zeros((logits.shape[0], T - k, logits.shape[2]))
-    return torch.cat([pad, logits], 1)
+    # one [B, T, V] buffer written in place: a cat would copy the (large) zero block a second time
+    out = logits.new_zeros((logits.shape[0], T, logits.shape[2]))
+    out[:, T - k:] = logits
+    return out
 
 
 def run(model, batch, *, interventions: Iterable[Intervention] | None = None,
