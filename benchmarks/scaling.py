@@ -30,7 +30,9 @@ eager and SDPA for the three operations on one pair of each length in one proces
 repeats with alternating order, medians; writes benchmarks/results/scaling_attn.json), checks the
 results agree, and ends with ``RESULT sdpa_speedup_<op>_<T>=<eager s / sdpa s> ...
 seq_slope_<op>_<eager|sdpa>=<slope between the two lengths> ... capture_max_rel_diff=..
-scores_max_abs_diff=..`` (metric units): the before/after slopes under one load.
+scores_max_abs_diff=..`` (metric units): the before/after slopes under one load. ``--qk-fix`` does
+the same for the AtP* QK fix alone (``q``/``k`` nodes), which must run eager under ``auto`` too
+(``RESULT ... qkfix_attn_auto=eager``; benchmarks/results/scaling_attn_qkfix.json).
 
 Each (axis, size, operation) point runs in a **fresh child process**: it loads the model, reads
 every weight once (they are memory-mapped from the safetensors cache, so the first forward would
@@ -281,6 +283,7 @@ def main() -> None:
     ap.add_argument("--attn", default="auto", help="auto (SDPA where possible), eager, or both: eager,auto")
     ap.add_argument("--compare-attn", metavar="T[,T2..]", help="eager vs SDPA on one pair per length, one process")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repeats for --compare-attn")
+    ap.add_argument("--qk-fix", action="store_true", help="--compare-attn on the AtP* QK fix (reads patterns: eager)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
     ap.add_argument("--png", default=str(ROOT / "docs" / "assets" / "scaling_curve.png"))
     ap.add_argument("--plot-only", action="store_true")
@@ -294,7 +297,8 @@ def main() -> None:
     if args.compare_attn:
         lens = [int(x) for x in args.compare_attn.split(",")]
         compare_attn(lens, args.reps, Path(args.out) if args.out != ap.get_default("out") else
-                     ROOT / "benchmarks" / "results" / "scaling_attn.json")
+                     ROOT / "benchmarks" / "results" / ("scaling_attn_qkfix.json" if args.qk_fix else "scaling_attn.json"),
+                     qk_fix=args.qk_fix)
         return
     ops = [o for o in OPS if o in args.ops.split(",")]
     attns = [a for a in ("eager", "auto") if a in args.attn.split(",")]
@@ -363,10 +367,14 @@ def main() -> None:
     print("RESULT " + " ".join(f"{k}={v:.2f}" for k, v in data["result"].items()))
 
 
-def compare_attn(lengths: list[int], reps: int, out: Path) -> None:
+def compare_attn(lengths: list[int], reps: int, out: Path, qk_fix: bool = False) -> None:
     """Eager (bridge) vs SDPA (plain modules) for capture, attribution and patching on one pair of
     each length in ``lengths``, in one process: interleaved repeats (order alternating), medians,
-    results compared; the slope between the two largest lengths is measured under the same load."""
+    results compared; the slope between the two largest lengths is measured under the same load.
+
+    With ``qk_fix``, only the AtP* QK fix is timed instead (attribution of ``q``/``k`` nodes with
+    ``qk_fix=True``), which reads the attention pattern: ``attn="auto"`` must run it eager, so
+    "sdpa" there is the automatic fallback (``meta["attn"]`` is recorded)."""
     import torch
 
     torch.set_num_threads(1)
@@ -384,8 +392,17 @@ def compare_attn(lengths: list[int], reps: int, out: Path) -> None:
     sites = [resid(L) for L in range(m.n_layers)]
     cand = [(PATCH_LAYER, h) for h in range(m.n_heads)]
 
+    seen_attn: dict = {}
+
+    def qk(a, b, attn):
+        r = attribute(m, a, b, metric, nodes=("q", "k"), qk_fix=True, chat=False, progress=False, attn=attn)
+        seen_attn[attn] = r["q"].meta["attn"]
+        return {k: v.scores for k, v in r.items()}
+
     def fns(n_tokens: int) -> dict:
         a, b = _texts(tok, bos, n_tokens, 1, True)
+        if qk_fix:
+            return {"attribution_qkfix": lambda attn: qk(a, b, attn)}
         return {
             "capture": lambda attn: capture(m, a, sites, pos="last", reduce="mean", chat=False, progress=False,
                                             attn=attn).data,
@@ -435,7 +452,8 @@ def compare_attn(lengths: list[int], reps: int, out: Path) -> None:
             for a, name in (("eager", "eager"), ("auto", "sdpa")):
                 slopes[f"{op}_{name}"] = math.log(med[(Tmax, op, a)] / med[(T0, op, a)]) / math.log(Tmax / T0)
         print("slopes " + ", ".join(f"{k} {v:.2f}" for k, v in slopes.items()) + f" ({T0} -> {Tmax} tokens)")
-    data = {"benchmark": "scaling --compare-attn", "lengths": lengths, "reps": reps, "rows": rows,
+    data = {"benchmark": "scaling --compare-attn" + (" --qk-fix" if qk_fix else ""), "lengths": lengths, "reps": reps,
+            "rows": rows, "attn_ran": seen_attn,
             "slopes_last_segment": slopes, "machine": _machine(), "load_average_end": os.getloadavg(),
             "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "workload": "one pair per length (capture: its clean text); capture = mean resid_post at all 30 "
@@ -445,8 +463,10 @@ def compare_attn(lengths: list[int], reps: int, out: Path) -> None:
     print(f"raw timings: {out}")
     print("RESULT " + " ".join(f"sdpa_speedup_{op}_{Tmax}={rows[f'{op}/{Tmax}']['speedup']:.2f}" for op in ops)
           + "".join(f" seq_slope_{k}={v:.2f}" for k, v in slopes.items())
-          + f" capture_max_rel_diff={max(r['max_rel_diff'] for k, r in rows.items() if k.startswith('capture')):.1e}"
-          + f" scores_max_abs_diff={max(r['max_abs_diff'] for k, r in rows.items() if not k.startswith('capture')):.1e}")
+          + "".join(f" capture_max_rel_diff={max(r['max_rel_diff'] for k, r in rows.items() if k.startswith('capture')):.1e}"
+                    for _ in [0] if not qk_fix)
+          + f" scores_max_abs_diff={max(r['max_abs_diff'] for k, r in rows.items() if not k.startswith('capture')):.1e}"
+          + (f" qkfix_attn_auto={seen_attn.get('auto')}" if qk_fix else ""))
 
 
 def table(data: dict) -> str:

@@ -474,7 +474,7 @@ def attribute(model, clean, corrupted, metric, *, nodes: Sequence[str] | str = D
         normalize: divide scores by ``M(clean) - M(corrupted)`` (clean = 1, corrupted = 0).
         qk_fix, graddrop: override the AtP* parts individually (default: on for ``"atp*"``).
         attn: ``"auto"`` (default): the passes run on the plain transformers modules with SDPA
-            attention (time linear in prompt length) unless they read the attention pattern: the
+            attention (no ``[heads, pos, pos]`` pattern materialised) unless they read the pattern: the
             AtP* QK fix on ``"q"``/``"k"`` nodes needs ``hook_pattern``/``hook_attn_scores``/
             ``hook_rot_q``/``hook_rot_k``, which only the bridge's eager attention has, so those
             runs (and only those) are eager. ``"eager"`` forces the bridge; ``"sdpa"`` raises where

@@ -146,10 +146,10 @@ def capture(model, prompts: "Sequence[Any] | Any", sites: "Site | str | Sequence
         backend: ``None``/``"local"`` (this process), ``"ray"`` or a :class:`~emolens.scale.ScaleConfig`:
             prompts split into shards over Ray workers; float64 sums are folded in the local batch
             order, so the result is bitwise the local one (see :func:`emolens.scale.capture`).
-        attn: ``"auto"`` (default: the plain transformers modules with SDPA attention, time linear
-            in prompt length; every capture site has a place there), ``"sdpa"`` or ``"eager"`` (the
-            bridged model, TransformerLens's eager attention; same values to fp32 rounding). See
-            :class:`~emolens.interventions.HookPlan`.
+        attn: ``"auto"`` (default: the plain transformers modules with SDPA attention, which
+            materialises no ``[heads, pos, pos]`` pattern; every capture site has a place there),
+            ``"sdpa"`` or ``"eager"`` (the bridged model, TransformerLens's eager attention; same
+            values to fp32 rounding). See :class:`~emolens.interventions.HookPlan`.
 
     Returns:
         :class:`CaptureResult`.

@@ -9,9 +9,10 @@ ablation, enhancement, activation patching and circuit modulation are all lists 
 :mod:`emolens.capture` (streaming reads) all go through :class:`HookPlan`, which groups the
 specs by hook, adds one position tracker on ``hook_embed`` so position rules mean the same thing
 in a prompt pass and in every cached generation step, and registers everything through
-``TransformerBridge.hooks`` (so hooks are always removed afterwards). For generation the same hook
-functions are placed on plain transformers modules sharing the weights (:class:`HFPlacement`,
-SDPA attention), which runs at raw ``generate`` speed.
+``TransformerBridge.hooks`` (so hooks are always removed afterwards). For generation, and for
+capture, patching and attribution (``HookPlan(attn="auto")``) whenever no hook needs the bridge's
+eager attention, the same hook functions are placed on plain transformers modules sharing the
+weights (:class:`HFPlacement`, SDPA attention), which runs at raw transformers speed.
 
 Example::
 
@@ -591,8 +592,8 @@ class HookPlan:
 
     - ``"eager"`` (default): the bridged model (TransformerLens hook points, eager attention that
       materialises ``[batch, heads, pos, pos]`` patterns; every hook point exists).
-    - ``"sdpa"``: the plain transformers modules of :class:`HFPlacement` (SDPA attention, time
-      linear in sequence length up to the quadratic attention kernel itself, no pattern tensors);
+    - ``"sdpa"``: the plain transformers modules of :class:`HFPlacement` (SDPA attention: no
+      ``[pos, pos]`` tensor is materialised, though attention's FLOPs stay quadratic in length);
       the same hook functions are placed there. Raises if a hook has no place there.
     - ``"auto"``: ``"sdpa"`` when every hook of the plan has a place on the plain modules, else
       ``"eager"``. Hooks that exist only inside the bridge's attention (``hook_pattern``,
