@@ -100,7 +100,7 @@ def test_capture_sdpa_equals_eager(tiny):
         _close(out["auto"][1][k][real], out["eager"][1][k][real])
 
 
-@pytest.mark.parametrize("nodes", ["resid", "heads", "neurons", "sublayers"])
+@pytest.mark.parametrize("nodes", ["resid", "heads", "heads_pos", "neurons", "sublayers"])
 def test_patching_sdpa_equals_eager(tiny, nodes):
     m = tiny
     ld = logit_diff(m, "a", "b")
