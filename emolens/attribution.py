@@ -455,7 +455,7 @@ def attribute(model, clean, corrupted, metric, *, nodes: Sequence[str] | str = D
               ig_steps: int | None = None, per_position_heads: bool = False, batch_size: int = 8,
               align: str | None = None, resid_site: str = "pre", normalize: bool = False, qk_fix: bool | None = None,
               graddrop: bool | None = None, chat: bool | None = None, system: str | None = None,
-              progress: bool = True) -> dict[str, Result]:
+              progress: bool = True, attn: str = "auto") -> dict[str, Result]:
     """Attribution patching over node groups (and optionally edges) in a fixed number of passes.
 
     Args:
@@ -473,6 +473,12 @@ def attribute(model, clean, corrupted, metric, *, nodes: Sequence[str] | str = D
         resid_site: ``"pre"`` (``hook_resid_pre`` of each layer, paper 1) or ``"post"``.
         normalize: divide scores by ``M(clean) - M(corrupted)`` (clean = 1, corrupted = 0).
         qk_fix, graddrop: override the AtP* parts individually (default: on for ``"atp*"``).
+        attn: ``"auto"`` (default): the passes run on the plain transformers modules with SDPA
+            attention (no ``[heads, pos, pos]`` pattern materialised) unless they read the pattern: the
+            AtP* QK fix on ``"q"``/``"k"`` nodes needs ``hook_pattern``/``hook_attn_scores``/
+            ``hook_rot_q``/``hook_rot_k``, which only the bridge's eager attention has, so those
+            runs (and only those) are eager. ``"eager"`` forces the bridge; ``"sdpa"`` raises where
+            eager is needed. Values agree to fp32 rounding. ``meta["attn"]`` says what ran.
 
     Returns:
         ``{group: Result}``; scores are means over prompt pairs (metric units, or fractions of
@@ -550,14 +556,16 @@ def attribute(model, clean, corrupted, metric, *, nodes: Sequence[str] | str = D
     n_passes = 1 + (ig_steps if ig_steps > 1 else 1)
     acc = _Acc()
     m_clean, m_corr = [], []
+    ran: set[str] = set()  # attention implementations the passes ran on
     bar = progress_bar(range(len(chunks) * n_passes), desc=f"attribution ({method})", disable=not progress)
     it = iter(bar)
 
     for ch in chunks:
         # ---- clean pass ----------------------------------------------------------------------
         rec_c = _Recorder(model, sites + metric_sites, hooks_both)
-        plan = HookPlan(model, [], rec_c.readers)
+        plan = HookPlan(model, [], rec_c.readers, attn=attn)
         with plan.hooks(), torch.no_grad():
+            ran.add("sdpa" if plan.runs_sdpa else "eager")
             logits = plan.forward(ch.clean, logits_to_keep=metric.trailing_logits(ch.clean))
             m_clean.append(metric.per_prompt(metric(logits, ch.clean, rec_c.store)).float().cpu())
         ca = {k: v.detach() for k, v in rec_c.store.items()}
@@ -578,8 +586,9 @@ def attribute(model, clean, corrupted, metric, *, nodes: Sequence[str] | str = D
             state = _DropState()
             if graddrop:
                 ivs += [_GradGate(Site(kd, L), state=state, layer=L) for L in range(nL) for kd in ("attn_out", "mlp_out")]
-            plan = HookPlan(model, ivs, rec_x.readers)
+            plan = HookPlan(model, ivs, rec_x.readers, attn=attn)
             with plan.hooks():
+                ran.add("sdpa" if plan.runs_sdpa else "eager")
                 logits = plan.forward(ch.corr, grad=True, logits_to_keep=metric.trailing_logits(ch.corr))
             vals = metric(logits, ch.corr, rec_x.store)
             per = metric.per_prompt(vals)
@@ -684,7 +693,7 @@ def attribute(model, clean, corrupted, metric, *, nodes: Sequence[str] | str = D
     meta = {**model.meta(), "inputs_hash": pairs.inputs_hash, "metric": metric.name, "method": meth,
             "ig_steps": ig_steps, "qk_fix": qk_fix, "graddrop": graddrop, "n_prompts": n, "convention": CONVENTION,
             "clean_metric": float(mc.mean()), "corrupted_metric": float(mx.mean()), "normalized": normalize,
-            "align": align, "resid_site": rkind}
+            "align": align, "resid_site": rkind, "attn": "+".join(sorted(ran))}
     pos_labels = {"position": pairs.position_labels}
     layer_labels = {"layer": [f"L{L}" for L in range(nL)]}
     out: dict[str, Result] = {}

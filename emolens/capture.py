@@ -130,7 +130,7 @@ def capture(model, prompts: "Sequence[Any] | Any", sites: "Site | str | Sequence
             pos: Pos | str = "last", reduce: str = "mean", groups: Sequence[Hashable] | None = None,
             batch_size: int = 16, chat: bool | None = None, system: str | None = None,
             interventions: Sequence[Intervention] | None = None, progress: bool = True,
-            desc: str = "capture", backend=None) -> CaptureResult:
+            desc: str = "capture", backend=None, attn: str = "auto") -> CaptureResult:
     """Capture ``sites`` over ``prompts`` with a streaming reduction.
 
     Args:
@@ -146,6 +146,10 @@ def capture(model, prompts: "Sequence[Any] | Any", sites: "Site | str | Sequence
         backend: ``None``/``"local"`` (this process), ``"ray"`` or a :class:`~emolens.scale.ScaleConfig`:
             prompts split into shards over Ray workers; float64 sums are folded in the local batch
             order, so the result is bitwise the local one (see :func:`emolens.scale.capture`).
+        attn: ``"auto"`` (default: the plain transformers modules with SDPA attention, which
+            materialises no ``[heads, pos, pos]`` pattern; every capture site has a place there),
+            ``"sdpa"`` or ``"eager"`` (the bridged model, TransformerLens's eager attention; same
+            values to fp32 rounding). See :class:`~emolens.interventions.HookPlan`.
 
     Returns:
         :class:`CaptureResult`.
@@ -158,10 +162,11 @@ def capture(model, prompts: "Sequence[Any] | Any", sites: "Site | str | Sequence
         from .scale import capture as scaled_capture
 
         return scaled_capture(model, prompts, sites, pos=pos, reduce=reduce, groups=groups, batch_size=batch_size,
-                              chat=chat, system=system, interventions=interventions, backend=backend)
+                              chat=chat, system=system, interventions=interventions, backend=backend, attn=attn)
     pos, site_list, labels, gid_all = _prepare(prompts, sites, pos, reduce, groups)
     accs, counts = _stream(model, prompts, site_list, pos, reduce, gid_all, max(len(labels), 1), batch_size=batch_size,
-                           chat=chat, system=system, interventions=interventions, progress=progress, desc=desc)
+                           chat=chat, system=system, interventions=interventions, progress=progress, desc=desc,
+                           attn=attn)
     totals = {k: a.items if reduce == "none" else (a.total, a.dims) for k, a in accs.items()}
     return _finish(totals, reduce, pos, counts, labels, len(prompts), model.meta())
 
@@ -185,7 +190,7 @@ def _prepare(prompts: list, sites, pos, reduce: str, groups):
 
 def _stream(model, prompts: list, site_list: list, pos: Pos, reduce: str, gid_all: torch.Tensor, n_groups: int, *,
             batch_size: int, chat, system, interventions, progress: bool = False, desc: str = "capture",
-            record: bool = False) -> tuple[dict[str, _Accumulator], torch.Tensor]:
+            record: bool = False, attn: str = "auto") -> tuple[dict[str, _Accumulator], torch.Tensor]:
     """The batched capture loop: per-site accumulators and float64 selected-position counts per group.
 
     With ``record``, every accumulator also keeps each batch's float64 contribution (``.record``).
@@ -195,7 +200,7 @@ def _stream(model, prompts: list, site_list: list, pos: Pos, reduce: str, gid_al
         for a in accs.values():
             a.record = []
     readers = [Reader(s, accs[str(s)], pos) for s in site_list]
-    plan = HookPlan(model, interventions, readers)
+    plan = HookPlan(model, interventions, readers, attn=attn)
     counts = torch.zeros(n_groups, dtype=torch.float64)
     starts = range(0, len(prompts), batch_size)
     with plan.hooks(), torch.no_grad():
@@ -233,13 +238,14 @@ def _finish(totals: dict, reduce: str, pos: Pos, counts: torch.Tensor, labels: l
 
 def run_with_cache(model, prompts, sites: "Site | str | Sequence[Site | str]", *,
                    interventions: Sequence[Intervention] | None = None, chat: bool | None = None,
-                   system: str | None = None, grad: bool = False
+                   system: str | None = None, grad: bool = False, attn: str = "auto"
                    ) -> tuple[Float[torch.Tensor, "batch pos vocab"], dict[str, torch.Tensor]]:
     """One forward pass returning logits and the full activations of ``sites``.
 
     Returns ``(logits, cache)`` with ``cache[hook_name]`` of the full hook shape
     (``[batch, pos, d_model]``, ``[batch, pos, n_heads, d_head]``, ``[batch, pos, d_mlp]``), left-padded
     like the batch. With ``grad=True`` the tensors stay in the autograd graph (for attribution).
+    ``attn`` as in :func:`capture` (default SDPA on the plain modules).
     """
     from .model import Batch
 
@@ -253,7 +259,7 @@ def run_with_cache(model, prompts, sites: "Site | str | Sequence[Site | str]", *
 
     full = [Site(s.kind, s.layer) for s in as_sites(sites)]
     readers = [Reader(s, keep(s.hook_name)) for s in dict.fromkeys(full)]
-    plan = HookPlan(model, interventions, readers)
+    plan = HookPlan(model, interventions, readers, attn=attn)
     with plan.hooks():
         logits = plan.forward(batch, grad=grad)
     return logits, cache

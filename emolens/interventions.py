@@ -9,9 +9,10 @@ ablation, enhancement, activation patching and circuit modulation are all lists 
 :mod:`emolens.capture` (streaming reads) all go through :class:`HookPlan`, which groups the
 specs by hook, adds one position tracker on ``hook_embed`` so position rules mean the same thing
 in a prompt pass and in every cached generation step, and registers everything through
-``TransformerBridge.hooks`` (so hooks are always removed afterwards). For generation the same hook
-functions are placed on plain transformers modules sharing the weights (:class:`HFPlacement`,
-SDPA attention), which runs at raw ``generate`` speed.
+``TransformerBridge.hooks`` (so hooks are always removed afterwards). For generation, and for
+capture, patching and attribution (``HookPlan(attn="auto")``) whenever no hook needs the bridge's
+eager attention, the same hook functions are placed on plain transformers modules sharing the
+weights (:class:`HFPlacement`, SDPA attention), which runs at raw transformers speed.
 
 Example::
 
@@ -459,6 +460,10 @@ class PrefixKV:
     def length(self) -> int:
         return next(iter(self.kv.values()))[0].shape[-2]
 
+    def prefix(self, p: int, reps: int = 1) -> "PrefixKV":
+        """Positions ``0..p-1`` only, the rows stacked ``reps`` times (copy-major, as :func:`tile_batch`)."""
+        return PrefixKV({L: tuple(t[:, :, :p].repeat(reps, 1, 1, 1) for t in kv) for L, kv in self.kv.items()})
+
     def cache(self):
         from transformers import DynamicCache
 
@@ -577,12 +582,37 @@ def _grad_through_frozen(hf_model, grad: bool):
         handle.remove()
 
 
+ATTN_CHOICES = ("eager", "auto", "sdpa")
+
+
 class HookPlan:
-    """Interventions and readers grouped by hook, registered together through ``bridge.hooks``."""
+    """Interventions and readers grouped by hook, registered together through ``bridge.hooks``.
+
+    ``attn`` decides which module tree a pass runs on (per plan, from the hooks it needs):
+
+    - ``"eager"`` (default): the bridged model (TransformerLens hook points, eager attention that
+      materialises ``[batch, heads, pos, pos]`` patterns; every hook point exists).
+    - ``"sdpa"``: the plain transformers modules of :class:`HFPlacement` (SDPA attention: no
+      ``[pos, pos]`` tensor is materialised, though attention's FLOPs stay quadratic in length);
+      the same hook functions are placed there. Raises if a hook has no place there.
+    - ``"auto"``: ``"sdpa"`` when every hook of the plan has a place on the plain modules, else
+      ``"eager"``. Hooks that exist only inside the bridge's attention (``hook_pattern``,
+      ``hook_attn_scores``, ``hook_rot_q``/``hook_rot_k``, ``hook_result``...) therefore always
+      run eager: nothing is silently skipped.
+
+    Both give the same values up to SDPA-vs-eager fp32 rounding (tests/test_sdpa_paths.py).
+    """
 
     def __init__(self, model, interventions: Iterable[Intervention] | None = None,
-                 readers: Iterable[Reader] | None = None):
+                 readers: Iterable[Reader] | None = None, *, attn: str = "eager"):
+        if attn not in ATTN_CHOICES:
+            raise InterventionError(f"Unknown attention choice attn={attn!r}; use 'auto' (SDPA unless a hook needs "
+                                    "the bridge's eager attention), 'sdpa' or 'eager'.")
         self.model = model
+        self.attn = attn
+        self._target = None  # the transformers model the current hooks() block runs
+        self._layers = None
+        self.kv: "PrefixKV | None" = None
         if isinstance(interventions, Intervention):  # one spec where a list was expected
             interventions = [interventions]
         _cache_kwarg_shim(model)
@@ -630,22 +660,57 @@ class HookPlan:
     def empty(self) -> bool:
         return not self._by_hook
 
+    def placement(self) -> "HFPlacement | None":
+        """The plain-module placement this plan runs on (``None``: the bridged model), per ``attn``."""
+        if self.attn == "eager":
+            return None
+        pl = HFPlacement.of(self.model)
+        if pl is not None and (self.empty or self.hf_placeable(pl)):
+            return pl
+        if self.attn == "sdpa":
+            if pl is None:
+                why = f"{self.model.name} has no plain-module placement (e.g. a multi-device map)"
+            else:
+                need = [n for n in self._by_hook if pl.resolve(n) is None or not pl.convertible(n)]
+                why = f"{', '.join(need[:4])} exist only inside the bridge's eager attention"
+            raise InterventionError(f"attn='sdpa' cannot run this plan on the plain transformers modules: {why}; "
+                                    "use attn='auto' (picks eager for these hooks) or attn='eager'.")
+        return None
+
+    @property
+    def runs_sdpa(self) -> bool:
+        """Whether the current :meth:`hooks` block runs the plain SDPA modules."""
+        return self._target is not None and self._target is not self.model.hf_model
+
     @contextlib.contextmanager
     def hooks(self):
-        """Register the plan's hooks for the duration of the block."""
-        if self.empty:
-            yield self
+        """Register the plan's hooks for the duration of the block (on the tree ``attn`` picks)."""
+        pl = self.placement()
+        if pl is not None:
+            with self.hf_hooks(pl):
+                self._target, self._layers = pl.model, pl.layers
+                try:
+                    yield self
+                finally:
+                    self._target = self._layers = None
             return
-        fwd = [("hook_embed", self.tracker.on_embed)]
-        fwd += [(name, self._hook_fn(ivs, rd)) for name, (ivs, rd) in self._by_hook.items()]
-        with self.model.bridge.hooks(fwd_hooks=fwd):
-            yield self
+        self._target, self._layers = self.model.hf_model, None
+        try:
+            if self.empty:
+                yield self
+                return
+            fwd = [("hook_embed", self.tracker.on_embed)]
+            fwd += [(name, self._hook_fn(ivs, rd)) for name, (ivs, rd) in self._by_hook.items()]
+            with self.model.bridge.hooks(fwd_hooks=fwd):
+                yield self
+        finally:
+            self._target = None
 
     def hf_placeable(self, placement: "HFPlacement") -> bool:
-        """Whether every hook of the plan has a place on the plain transformers modules."""
-        if any(isinstance(r, HookReader) for r in self.readers):  # raw bridge tensors: bridge only
-            return False
-        return not self.empty and all(placement.resolve(name) is not None for name in self._by_hook)
+        """Whether every hook of the plan has a place on the plain transformers modules (raw
+        :class:`HookReader` hooks too, when their tensor has the bridge's shape there)."""
+        return not self.empty and all(placement.resolve(name) is not None and placement.convertible(name)
+                                      for name in self._by_hook)
 
     @contextlib.contextmanager
     def hf_hooks(self, placement: "HFPlacement"):
@@ -664,19 +729,31 @@ class HookPlan:
             for h in handles:
                 h.remove()
 
-    def forward(self, batch, *, grad: bool = False,
-                logits_to_keep: int | None = None) -> Float[torch.Tensor, "batch pos vocab"]:
+    def forward(self, batch, *, grad: bool = False, logits_to_keep: int | None = None,
+                keep_kv: bool = False) -> Float[torch.Tensor, "batch pos vocab"]:
         """One forward pass of ``batch`` (call inside :meth:`hooks`).
 
         With ``logits_to_keep=k`` only the last ``k`` positions are unembedded (the others are zeros
         in the returned ``[batch, pos, vocab]`` tensor): for metrics that read logits at t* or
-        after it only, this skips most of the unembedding.
+        after it only, this skips most of the unembedding. With ``keep_kv`` the attention
+        keys/values of every layer (all positions, keys after RoPE) are kept in ``self.kv``
+        (:class:`PrefixKV`; for :meth:`forward_from` with a prefix), on either tree.
         """
         self.tracker.set_batch(batch)
-        kw = {} if not logits_to_keep else {"logits_to_keep": int(logits_to_keep)}
-        with torch.set_grad_enabled(grad), _grad_through_frozen(self.model.hf_model, grad):
-            out = self.model.hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                      position_ids=batch.position_ids, use_cache=False, **kw)
+        hf = self._target if self._target is not None else self.model.hf_model
+        kw: dict[str, Any] = {"use_cache": False}
+        if keep_kv:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()  # no config: a full (not sliding) layer per decoder layer
+            kw = {cache_kwarg(hf): cache, "use_cache": True}
+        if logits_to_keep:
+            kw["logits_to_keep"] = int(logits_to_keep)
+        with torch.set_grad_enabled(grad), _grad_through_frozen(hf, grad):
+            out = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     position_ids=batch.position_ids, **kw)
+        if keep_kv:
+            self.kv = PrefixKV({L: (lay.keys, lay.values) for L, lay in enumerate(cache.layers)})
         return _pad_logits(out.logits, batch.input_ids.shape[1])
 
     def forward_from(self, layer: int, resid: Float[torch.Tensor, "rows pos d_model"], batch, *, grad: bool = False,
@@ -717,11 +794,12 @@ class HookPlan:
                                     f"the batch has {T}.")
         self.tracker.set_batch(batch)
         self.tracker.start = self.tracker.seen = prefix  # hooks see positions prefix..T-1
-        layers = _decoder_layers(self.model)
+        hf = self._target if self._target is not None else self.model.hf_model
+        layers = self._layers if self._layers is not None else _decoder_layers(self.model)
         saved = [layers[i] for i in range(layer)]
         kw: dict[str, Any] = {"use_cache": False}
         if prefix:
-            kw = {cache_kwarg(self.model.hf_model): prefix_kv.cache(), "use_cache": True}
+            kw = {cache_kwarg(hf): prefix_kv.cache(), "use_cache": True}
         if logits_to_keep:
             kw["logits_to_keep"] = int(logits_to_keep)
         skip = _PassThrough()
@@ -729,8 +807,8 @@ class HookPlan:
             for i in range(layer):
                 layers[i] = skip
             with torch.set_grad_enabled(grad):
-                out = self.model.hf_model(inputs_embeds=resid, attention_mask=batch.attention_mask,
-                                          position_ids=batch.position_ids[:, prefix:], **kw)
+                out = hf(inputs_embeds=resid, attention_mask=batch.attention_mask,
+                         position_ids=batch.position_ids[:, prefix:], **kw)
         finally:
             for i, blk in enumerate(saved):
                 layers[i] = blk
@@ -755,8 +833,10 @@ def _pad_logits(logits: torch.Tensor, T: int) -> torch.Tensor:
     k = logits.shape[1]
     if k >= T:
         return logits
-    pad = logits.new_zeros((logits.shape[0], T - k, logits.shape[2]))
-    return torch.cat([pad, logits], 1)
+    # one [B, T, V] buffer written in place: a cat would copy the (large) zero block a second time
+    out = logits.new_zeros((logits.shape[0], T, logits.shape[2]))
+    out[:, T - k:] = logits
+    return out
 
 
 def run(model, batch, *, interventions: Iterable[Intervention] | None = None,
@@ -775,8 +855,9 @@ def generate(model, batch, *, interventions: Iterable[Intervention] | None = Non
     ``backend``: ``"hf"`` places the plan's hooks on plain transformers modules that share the
     model's weights (SDPA attention, no idle hook points: raw ``generate`` speed); ``"bridge"``
     runs the bridged model (eager attention, TransformerLens hook points); ``"auto"`` (default)
-    takes ``"hf"`` whenever every hook of the plan has a place there (every :class:`Site` kind;
-    not :class:`HookReader`), else ``"bridge"``. Both give the same greedy
+    takes ``"hf"`` whenever every hook of the plan has a place there (every :class:`Site` kind, raw
+    hooks at module boundaries such as ``attn.hook_q``; not ``hook_pattern``/``hook_attn_scores``/
+    ``hook_rot_k``, which exist only in the bridge's attention), else ``"bridge"``. Both give the same greedy
     tokens up to SDPA-vs-eager rounding (tested per site kind).
     """
     if backend not in ("auto", "hf", "bridge"):
@@ -880,6 +961,12 @@ class HFPlacement:
         shell.generation_config = hf.generation_config
         self.model = shell.eval()
         self._hooks: dict[str, tuple] = {}
+        first = self._by_orig.get(id(_unwrap(model.bridge.blocks[0])))
+        found = [m for m in shell.modules() if isinstance(m, torch.nn.ModuleList)
+                 and len(m) == model.n_layers and m[0] is first]
+        if not found:
+            raise InterventionError("no decoder layer list")
+        self.layers = found[0]  # the plain tree's decoder layers (for forward_from)
 
     @staticmethod
     def _find(root, path: str):
@@ -925,15 +1012,30 @@ class HFPlacement:
         self._hooks[hook_name] = out
         return out
 
+    def _per_head(self, hook_name: str) -> bool:
+        """Whether the bridge shows this hook's tensor split into heads ``[b, p, n, d_head]``."""
+        if _hook_kind(hook_name) == "head":
+            return True
+        conv = getattr(self.emo.bridge.hook_dict.get(hook_name), "hook_conversion", None)
+        return type(conv).__name__ == "ReshapeForAttentionHeads"
+
+    def convertible(self, hook_name: str) -> bool:
+        """Whether the plain module's tensor at ``hook_name`` can be shown in the bridge's shape:
+        Site hooks, and raw hooks without a conversion or with the per-head reshape (hook_q/k/v)."""
+        if _hook_kind(hook_name) is not None or hook_name == "hook_embed":
+            return True
+        conv = getattr(self.emo.bridge.hook_dict.get(hook_name), "hook_conversion", None)
+        return conv is None or self._per_head(hook_name)
+
     def attach(self, hook_name: str, fn):
         """Register ``fn(act, hook)`` (returning the new activation, or None) at ``hook_name``."""
         mod, where = self.resolve(hook_name)
-        kind = _hook_kind(hook_name)
-        H, dh = self.emo.n_heads, self.emo.d_head
+        heads = self._per_head(hook_name)
+        dh = self.emo.d_head
 
         def call(x):
             shp = x.shape
-            act = x.reshape(shp[0], shp[1], H, dh) if kind == "head" else x
+            act = x.reshape(shp[0], shp[1], shp[-1] // dh, dh) if heads else x
             new = fn(act, None)
             return x if new is None else new.reshape(shp)
 

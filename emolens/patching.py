@@ -100,7 +100,8 @@ def _norm_cells(model, nodes: str, candidates, n_pos: int) -> list[tuple[int, ..
 
 def patch(model, clean, corrupted, metric, *, nodes: str = "resid", candidates: Any = None, batch_size: int = 64,
           align: str | None = None, resid_site: str = "pre", normalize: bool = False, skip_prefix: bool = True,
-          chat: bool | None = None, system: str | None = None, progress: bool = True, backend=None) -> Result:
+          chat: bool | None = None, system: str | None = None, progress: bool = True, backend=None,
+          attn: str = "auto") -> Result:
     """Exact activation patching of every cell (or of ``candidates``), batched.
 
     Args:
@@ -118,6 +119,10 @@ def patch(model, clean, corrupted, metric, *, nodes: str = "resid", candidates: 
             prompts differ (earlier positions are identical in every patched run); exact.
         backend: ``None``/``"local"``, ``"ray"`` or a :class:`~emolens.scale.ScaleConfig`: cells split
             into shards over Ray workers (:func:`emolens.scale.patch`; equal to the local result to 1e-6).
+        attn: ``"auto"`` (default) runs every pass on the plain transformers modules with SDPA
+            attention (no ``[heads, pos, pos]`` pattern tensors; the metric's sites permitting),
+            ``"eager"`` on the bridged model; same values to fp32 rounding. See
+            :class:`~emolens.interventions.HookPlan`.
 
     Returns:
         a :class:`~emolens.results.Result` (kinds ``resid_pos``/``heads``/``heads_pos``/``neurons``/
@@ -130,7 +135,7 @@ def patch(model, clean, corrupted, metric, *, nodes: str = "resid", candidates: 
 
         return scaled_patch(model, clean, corrupted, metric, nodes=nodes, candidates=candidates, batch_size=batch_size,
                             align=align, resid_site=resid_site, normalize=normalize, skip_prefix=skip_prefix,
-                            chat=chat, system=system, backend=backend, progress=progress)
+                            chat=chat, system=system, backend=backend, progress=progress, attn=attn)
     metric = as_metric(metric)
     if nodes not in PATCH_NODES:
         raise InputError(f"Unknown patching nodes {nodes!r}; use one of {', '.join(PATCH_NODES)}.")
@@ -167,21 +172,20 @@ def patch(model, clean, corrupted, metric, *, nodes: str = "resid", candidates: 
     bar = progress_bar(range(len(chunks) + n_work), desc=f"patching ({nodes})", disable=not progress)
     it = iter(bar)
     n_forwards = 0
-    kv_hooks = [f"blocks.{L}.attn.hook_{x}" for L in range(nL) for x in ("rot_k", "v")]
-    can_kv = skip_prefix and all(h in model.bridge.hook_dict for h in kv_hooks)
     prefix_used = []
     for ch in chunks:
         r = len(ch.corr)
         rec_c = _Recorder(model, fam + metric_sites, [])
-        plan = HookPlan(model, [], rec_c.readers)
+        plan = HookPlan(model, [], rec_c.readers, attn=attn)
         with plan.hooks(), torch.no_grad():
             lg = plan.forward(ch.clean, logits_to_keep=metric.trailing_logits(ch.clean))
             m_clean.append(metric.per_prompt(metric(lg, ch.clean, rec_c.store)).float().cpu())
             ca = dict(rec_c.store)
-            rec_x = _Recorder(model, fam + starts + metric_sites, kv_hooks if can_kv else [])
-            plan = HookPlan(model, [], rec_x.readers)
-            with plan.hooks():
-                lg = plan.forward(ch.corr, logits_to_keep=metric.trailing_logits(ch.corr))
+            rec_x = _Recorder(model, fam + starts + metric_sites, [])
+            plan = HookPlan(model, [], rec_x.readers, attn=attn)
+            with plan.hooks():  # the corrupted run keeps every layer's keys/values for the prefix skip
+                lg = plan.forward(ch.corr, logits_to_keep=metric.trailing_logits(ch.corr), keep_kv=skip_prefix)
+            kv = plan.kv if skip_prefix and plan.kv is not None and len(plan.kv.kv) == nL else None
             base = metric.per_prompt(metric(lg, ch.corr, rec_x.store)).float()
             m_corr.append(base.cpu())
             xa = dict(rec_x.store)
@@ -189,9 +193,9 @@ def patch(model, clean, corrupted, metric, *, nodes: str = "resid", candidates: 
         next(it, None)
         # Positions before the first one where clean and corrupted differ are identical in every
         # patched run (causal attention): recompute only the suffix, reusing the prefix keys/values.
-        p0 = _shared_prefix(ch) if can_kv else 0
+        p0 = _shared_prefix(ch) if kv is not None else 0
         prefix_used.append(p0)
-        ctx = _Ctx(ch, ca, xa, metric, metric_sites, p0, lg)
+        ctx = _Ctx(ch, ca, xa, metric, metric_sites, p0, lg, kv, attn)
         copies = max(1, batch_size // r)
         for L, lcells in sorted(by_layer.items()):
             if nodes == "resid":  # a residual position inside the shared prefix is identical in both runs
@@ -208,7 +212,7 @@ def patch(model, clean, corrupted, metric, *, nodes: str = "resid", candidates: 
                 for c, e in zip(group, eff):
                     effects[c].append(e.cpu())
                 next(it, None)
-        del ca, xa, ctx, lg
+        del ca, xa, ctx, lg, kv
 
     n = pairs.n_prompts
     mc, mx = torch.cat(m_clean), torch.cat(m_corr)
@@ -258,14 +262,13 @@ class _Ctx:
     metric_sites: list
     p0: int
     corr_logits: torch.Tensor
+    kv: PrefixKV | None  # the corrupted run's keys/values, all positions
+    attn: str = "auto"
     _kv: dict = field(default_factory=dict)
 
-    def prefix_kv(self, model, reps: int):
+    def prefix_kv(self, model, reps: int) -> PrefixKV:
         if reps not in self._kv:
-            nL, p0 = model.n_layers, self.p0
-            self._kv[reps] = PrefixKV({L: tuple(
-                self.xa[f"blocks.{L}.attn.hook_{x}"][:, :p0].transpose(1, 2).repeat(reps, 1, 1, 1)
-                for x in ("rot_k", "v")) for L in range(nL)})
+            self._kv[reps] = self.kv.prefix(self.p0, reps)
         return self._kv[reps]
 
 
@@ -328,7 +331,7 @@ def _run_group(model, nodes: str, resid_site: str, L: int, group: list[tuple[int
             if s == site:
                 cache[s.hook_name][:, p0:] = resid_in
     rec = _Recorder(model, list(ctx.metric_sites), [])
-    plan = HookPlan(model, ivs, rec.readers)
+    plan = HookPlan(model, ivs, rec.readers, attn=ctx.attn)
     T = ch.corr.input_ids.shape[1]
     keep = metric.trailing_logits(tb)
     kw = {"prefix": p0, "prefix_kv": ctx.prefix_kv(model, reps)} if p0 else {}

@@ -669,7 +669,7 @@ def _capture_shard(model, shared: dict, *, start: int, stop: int) -> tuple[dict,
     accs, counts = _stream(model, shared["prompts"][start:stop], shared["sites"], shared["pos"], shared["reduce"],
                            shared["gid_all"][start:stop], shared["n_groups"], batch_size=shared["batch_size"],
                            chat=shared["chat"], system=shared["system"], interventions=shared["interventions"],
-                           record=True)
+                           record=True, attn=shared.get("attn", "auto"))
     tensors: dict[str, torch.Tensor] = {"counts": counts}
     dims = {}
     for key, a in accs.items():
@@ -685,7 +685,7 @@ def _capture_shard(model, shared: dict, *, start: int, stop: int) -> tuple[dict,
 
 def capture(model, prompts: Sequence[Any], sites, *, pos="last", reduce: str = "mean", groups=None,
             batch_size: int = 16, chat: bool | None = None, system: str | None = None, interventions=None,
-            backend: "str | ScaleConfig | None" = None, progress: bool = False):
+            backend: "str | ScaleConfig | None" = None, progress: bool = False, attn: str = "auto"):
     """:func:`emolens.capture.capture`, sharded over workers; bitwise the local result.
 
     Shards return, per site, every batch's float64 contribution (``[n_batches, D]`` for
@@ -705,7 +705,7 @@ def capture(model, prompts: Sequence[Any], sites, *, pos="last", reduce: str = "
     n_groups = max(len(labels), 1)
     shared = {"prompts": prompts, "sites": site_list, "pos": pos, "reduce": reduce, "gid_all": gid_all,
               "n_groups": n_groups, "batch_size": int(batch_size), "chat": chat, "system": system,
-              "interventions": list(interventions or [])}
+              "interventions": list(interventions or []), "attn": attn}
     fp = fingerprint("capture", _model_id(model, cfg), {k: v for k, v in shared.items()})
     job = _job("capture", fp)
     shards = [Shard(f"{job}/{i:05d}", _capture_shard, {"start": a, "stop": b}, fingerprint(fp, a, b))
@@ -758,7 +758,7 @@ def _patch_shard(model, shared: dict, *, cells: list) -> tuple[dict, Any]:
     r = local_patch(model, shared["clean"], shared["corrupted"], shared["metric"], nodes=shared["nodes"],
                     candidates=[tuple(c) for c in cells], batch_size=shared["batch_size"], align=shared["align"],
                     resid_site=shared["resid_site"], normalize=shared["normalize"], skip_prefix=shared["skip_prefix"],
-                    chat=shared["chat"], system=shared["system"], progress=False)
+                    chat=shared["chat"], system=shared["system"], progress=False, attn=shared.get("attn", "auto"))
     return {"scores": r.scores, **{f"extra.{k}": v for k, v in r.extra.items()}}, \
         {"kind": r.kind, "axes": list(r.axes), "labels": r.labels, "meta": r.meta}
 
@@ -766,7 +766,7 @@ def _patch_shard(model, shared: dict, *, cells: list) -> tuple[dict, Any]:
 def patch(model, clean, corrupted, metric, *, nodes: str = "resid", candidates: Any = None, batch_size: int = 64,
           align: str | None = None, resid_site: str = "pre", normalize: bool = False, skip_prefix: bool = True,
           chat: bool | None = None, system: str | None = None, backend: "str | ScaleConfig | None" = None,
-          progress: bool = False):
+          progress: bool = False, attn: str = "auto"):
     """:func:`emolens.patching.patch` with the cells split into shards over workers.
 
     Each shard patches a contiguous run of cells (layer-major, so a shard covers few layers) and
@@ -781,7 +781,7 @@ def patch(model, clean, corrupted, metric, *, nodes: str = "resid", candidates: 
         raise InputError(f"Unknown patching nodes {nodes!r}; use one of {', '.join(PATCH_NODES)}.")
     shared = {"clean": clean, "corrupted": corrupted, "metric": metric, "nodes": nodes, "candidates": candidates,
               "batch_size": int(batch_size), "align": align, "resid_site": resid_site, "normalize": normalize,
-              "skip_prefix": skip_prefix, "chat": chat, "system": system}
+              "skip_prefix": skip_prefix, "chat": chat, "system": system, "attn": attn}
     fp = fingerprint("patch", _model_id(model, cfg), shared)
     job = _job("patch", fp)
     plan = Shard(f"{job}/cells", _patch_cells, {}, fp)

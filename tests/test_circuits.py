@@ -96,7 +96,9 @@ def test_streaming_directions_equal_dense_reference(tiny, tmp_path):
     items, ps, stats, dirs = _setup(tiny)
     L = tiny.n_layers
     sites = [resid(l, "mid") for l in range(L)] + [resid(l, "post") for l in range(L)]
-    cap = capture(tiny, ps.prompts, sites, reduce="none", progress=False)
+    # the same forward as the streaming code (circuits run the bridge's eager attention), so the two
+    # reductions are compared, not SDPA-vs-eager rounding of the difference of group means
+    cap = capture(tiny, ps.prompts, sites, reduce="none", progress=False, attn="eager")
     G, E = len(items), len(EMOTIONS)
     fn = _model.final_norm(tiny)
     for l in range(L):

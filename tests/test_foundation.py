@@ -94,14 +94,17 @@ def test_captured_values_equal_transformerlens_run_with_cache(tiny):
     names = ["blocks.2.hook_resid_post", "blocks.1.attn.hook_z", "blocks.3.mlp.hook_post", "blocks.0.hook_resid_mid",
              "blocks.2.hook_attn_out", "blocks.2.hook_mlp_out"]
     _, tl_cache = tiny.bridge.run_with_cache(b.input_ids, names_filter=names)
-    _, ours = run_with_cache(tiny, b, [Site.parse(n) for n in names])
-    for n in names:
-        assert torch.allclose(ours[n], tl_cache[n], atol=1e-6), n
-    # streaming capture at t* equals the cached last position
-    res = capture(tiny, [PROMPTS[0]], [resid(2), head(1, [0, 3]), neuron(3, 7)], reduce="none")
-    assert torch.allclose(res["resid_post.2"][0], tl_cache["blocks.2.hook_resid_post"][0, -1], atol=1e-6)
-    assert torch.allclose(res["head.1.0,3"][0], tl_cache["blocks.1.attn.hook_z"][0, -1, [0, 3]], atol=1e-6)
-    assert torch.allclose(res["neuron.3.7"][0], tl_cache["blocks.3.mlp.hook_post"][0, -1, [7]], atol=1e-6)
+    # eager: the bridge's own attention, equal to TransformerLens to 1e-6; auto (default): SDPA on the
+    # plain transformers modules, equal up to SDPA-vs-eager fp32 rounding
+    for attn, tol in (("eager", 1e-6), ("auto", 2e-5)):
+        _, ours = run_with_cache(tiny, b, [Site.parse(n) for n in names], attn=attn)
+        for n in names:
+            assert torch.allclose(ours[n], tl_cache[n], atol=tol), (attn, n)
+        # streaming capture at t* equals the cached last position
+        res = capture(tiny, [PROMPTS[0]], [resid(2), head(1, [0, 3]), neuron(3, 7)], reduce="none", attn=attn)
+        assert torch.allclose(res["resid_post.2"][0], tl_cache["blocks.2.hook_resid_post"][0, -1], atol=tol)
+        assert torch.allclose(res["head.1.0,3"][0], tl_cache["blocks.1.attn.hook_z"][0, -1, [0, 3]], atol=tol)
+        assert torch.allclose(res["neuron.3.7"][0], tl_cache["blocks.3.mlp.hook_post"][0, -1, [7]], atol=tol)
 
 
 def test_streaming_reductions_match_per_item(tiny_llama):
