@@ -4,6 +4,8 @@ generation versus prompt count (1-2,880) and sequence length (16-1,024), on the 
     python benchmarks/scaling.py                       # the full ladders (~2 h on one thread of a busy 2-core CPU)
     python benchmarks/scaling.py --counts 1,8 --lengths 16,64 --out /tmp/s.json --png /tmp/s.png   # smoke
     python benchmarks/scaling.py --plot-only           # redraw the figure (and RESULT) from the JSON
+    python benchmarks/scaling.py --ops attribution,patching --lengths "" --counts 90,720,2880 --out /tmp/m.json
+                                                       # a subset: two operations, prompt axis only
     python benchmarks/scaling.py --table               # the markdown table of docs/performance.md
 
 Workload (SmolLM2-135M-Instruct, fp32, raw text without chat template, one torch thread):
@@ -254,6 +256,8 @@ def main() -> None:
     ap.add_argument("--counts", default="1,12,90,720,2880")
     ap.add_argument("--lengths", default="16,64,256,1024")
     ap.add_argument("--new-tokens", type=int, default=4)
+    ap.add_argument("--ops", default=",".join(OPS), help="operations to run (comma-separated subset of "
+                    f"{','.join(OPS)}); the others are skipped")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
     ap.add_argument("--png", default=str(ROOT / "docs" / "assets" / "scaling_curve.png"))
     ap.add_argument("--plot-only", action="store_true")
@@ -266,8 +270,11 @@ def main() -> None:
         return
 
     out, png = Path(args.out), Path(args.png)
-    counts = [int(x) for x in args.counts.split(",")]
-    lengths = [int(x) for x in args.lengths.split(",")]
+    counts = [int(x) for x in args.counts.split(",") if x]  # "" = skip that axis
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    ops = [o for o in args.ops.split(",") if o]
+    if set(ops) - set(OPS):
+        raise SystemExit(f"unknown --ops {sorted(set(ops) - set(OPS))}; choose from {', '.join(OPS)}")
     config = {"counts": counts, "lengths": lengths, "new_tokens": args.new_tokens, "prompt_tokens": PROMPT_TOKENS,
               "batch": BATCH, "patch_candidates": f"9 heads of layer {PATCH_LAYER}",
               "steer": f"Add resid_post.{STEER_LAYER} all positions", "script_sha": _measure_sha()}
@@ -291,7 +298,7 @@ def main() -> None:
     for axis, ladder in (("seq_len", lengths), ("prompts", counts)):
         for size in ladder:
             for op in OPS:
-                if (axis, op, size) in done:
+                if op not in ops or (axis, op, size) in done:
                     continue
                 t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
                 r = subprocess.run([sys.executable, __file__, "--point", op, axis, str(size),
