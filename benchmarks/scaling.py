@@ -4,6 +4,9 @@ generation versus prompt count (1-2,880) and sequence length (16-1,024), on the 
     python benchmarks/scaling.py                       # the full ladders (~2 h on one thread of a busy 2-core CPU)
     python benchmarks/scaling.py --counts 1,8 --lengths 16,64 --out /tmp/s.json --png /tmp/s.png   # smoke
     python benchmarks/scaling.py --plot-only           # redraw the figure (and RESULT) from the JSON
+    python benchmarks/scaling.py --ops attribution,patching --lengths "" --counts 90,720,2880 --out /tmp/m.json
+                                                       # a subset: two operations, prompt axis only
+    python benchmarks/scaling.py --merge /tmp/m.json   # put such a rerun's points into the full curve
     python benchmarks/scaling.py --table               # the markdown table of docs/performance.md
     python benchmarks/scaling.py --counts "" --ops capture,attribution,patching --attn eager,auto \
         --out benchmarks/results/scaling_seq.json --png docs/assets/scaling_seq.png   # length ladder, both attentions
@@ -288,6 +291,8 @@ def main() -> None:
     ap.add_argument("--png", default=str(ROOT / "docs" / "assets" / "scaling_curve.png"))
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--table", action="store_true", help="print the docs' markdown table from the JSON")
+    ap.add_argument("--merge", metavar="JSON", help="replace the points of --out by those of this run's JSON with the "
+                    "same (axis, operation, size), recompute slopes, redraw the figure")
     ap.add_argument("--point", nargs=3, metavar=("OP", "AXIS", "SIZE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.point:
@@ -315,6 +320,22 @@ def main() -> None:
     data = json.loads(out.read_text()) if out.exists() else None
     if args.table:
         print(table(data))
+        return
+    if args.merge:  # e.g. a rerun of some operations after a fix, into the full curve
+        new = json.loads(Path(args.merge).read_text())
+        if new["config"]["script_sha"] != data["config"]["script_sha"]:
+            print(f"note: {args.merge} was measured by other point code ({new['config']['script_sha']} vs "
+                  f"{data['config']['script_sha']})")
+        keys = {(p["axis"], p["op"], p["size"]) for p in new["points"]}
+        data["points"] = [p for p in data["points"] if (p["axis"], p["op"], p["size"]) not in keys] + [
+            dict(p, merged_from=Path(args.merge).name) for p in new["points"]]
+        data.setdefault("merged", []).append({"from": Path(args.merge).name, "points": len(keys),
+                                              "config": new["config"], "started_utc": new.get("started_utc")})
+        data.update(summarize(data))
+        _atomic_write(out, data)
+        plot(data["series"], png)
+        print(f"merged {len(keys)} points into {out}; figure {png}")
+        print("RESULT " + " ".join(f"{k}={v:.2f}" for k, v in data["result"].items()))
         return
     if args.plot_only:  # also the RESULT line of whatever points the JSON holds (e.g. a stopped run)
         summ = summarize(data)

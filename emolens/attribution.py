@@ -204,10 +204,29 @@ class PairedInputs:
         valid = valid & (aligned >= 0)
         return _Chunk(c, x, valid, aligned, pid, list(prompts))
 
-    def chunks(self, prompts_per_chunk: int):
-        n = self.n_prompts
-        step = max(1, int(prompts_per_chunk))
-        return [self.chunk(range(s, min(n, s + step))) for s in range(0, n, step)]
+    def chunks(self, prompts_per_chunk: int) -> "_Chunks":
+        """The chunks of ``prompts_per_chunk`` pairs, built one at a time as they are iterated."""
+        return _Chunks(self, max(1, int(prompts_per_chunk)))
+
+
+@dataclass
+class _Chunks:
+    """Lazy sequence of a :class:`PairedInputs`' chunks: only the running chunk's batches exist."""
+
+    pairs: PairedInputs
+    step: int
+
+    def __len__(self) -> int:
+        return -(-self.pairs.n_prompts // self.step)
+
+    def __getitem__(self, i: int) -> _Chunk:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        s = (i % len(self)) * self.step
+        return self.pairs.chunk(range(s, min(self.pairs.n_prompts, s + self.step)))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 def prepare_pairs(model, clean, corrupted, metric: Metric, *, align: str | None = None, chat: bool | None = None,
@@ -314,25 +333,34 @@ def _interp_source(x_corr: torch.Tensor, x_clean: torch.Tensor, valid: torch.Ten
 
 
 class _Recorder:
-    """Readers that keep activations by hook name (in the graph when the pass has grad)."""
+    """Readers that keep activations by hook name (in the graph when the pass has grad).
+
+    The reader callbacks close over the ``store`` dict, never over the recorder: a callback
+    holding ``self`` would make recorder -> readers -> callback -> recorder a reference cycle, and
+    the activations (with their autograd graph) of every chunk would then wait for Python's
+    cyclic garbage collector instead of being freed when the chunk ends — peak memory grew with
+    the number of chunks (issue 11).
+    """
 
     def __init__(self, model, sites: Sequence[Site], hooks: Sequence[str]):
         self.store: dict[str, torch.Tensor] = {}
         self.readers: list = []
         for s in dict.fromkeys(Site(s.kind, s.layer) for s in sites):
-            self.readers.append(Reader(s, self._keep(s.hook_name)))
+            self.readers.append(Reader(s, _keep(self.store, s.hook_name)))
         for h in dict.fromkeys(hooks):
-            self.readers.append(HookReader(h, self._keep_raw(h)))
+            self.readers.append(HookReader(h, _keep_raw(self.store, h)))
 
-    def _keep(self, name):
-        def fn(values, sel, tracker):
-            self.store[name] = values
-        return fn
 
-    def _keep_raw(self, name):
-        def fn(act, tracker):
-            self.store[name] = act
-        return fn
+def _keep(store: dict, name: str):
+    def fn(values, sel, tracker):
+        store[name] = values
+    return fn
+
+
+def _keep_raw(store: dict, name: str):
+    def fn(act, tracker):
+        store[name] = act
+    return fn
 
 
 def _attn_module(model, L: int):
@@ -435,15 +463,20 @@ def _qk_fix_scores(model, L: int, A, gA, S, qx, kx, qc, kc, valid) -> tuple[torc
 # attribute()
 # =========================================================================================
 class _Acc:
-    """Accumulates per-prompt node scores (lists of [n_chunk, ...] tensors) and pass sums."""
+    """Per-prompt node scores written into one pre-allocated ``[n_prompts, ...]`` tensor per group
+    (a chunk writes its rows in place: no per-chunk tensors pile up and no final concatenation
+    doubles them), and pass sums."""
 
-    def __init__(self):
-        self.per_prompt: dict[str, list[torch.Tensor]] = {}
+    def __init__(self, n_prompts: int):
+        self.n = n_prompts
+        self.per_prompt: dict[str, torch.Tensor] = {}
         self.gd_sum: dict[str, dict[int, torch.Tensor]] = {}
         self.edges: torch.Tensor | None = None
 
-    def add(self, key: str, x: torch.Tensor) -> None:
-        self.per_prompt.setdefault(key, []).append(x.detach().float().cpu())
+    def add(self, key: str, prompts: Sequence[int], x: torch.Tensor) -> None:
+        if key not in self.per_prompt:
+            self.per_prompt[key] = torch.empty((self.n,) + tuple(x.shape[1:]), dtype=torch.float32)
+        self.per_prompt[key][list(prompts)] = x.detach().float().cpu()
 
     def add_drop(self, key: str, layer: int, x: torch.Tensor) -> None:
         d = self.gd_sum.setdefault(key, {})
@@ -554,8 +587,8 @@ def attribute(model, clean, corrupted, metric, *, nodes: Sequence[str] | str = D
 
     chunks = pairs.chunks(batch_size)
     n_passes = 1 + (ig_steps if ig_steps > 1 else 1)
-    acc = _Acc()
-    m_clean, m_corr = [], []
+    acc = _Acc(pairs.n_prompts)
+    m_clean, m_corr = torch.empty(pairs.n_prompts), torch.empty(pairs.n_prompts)  # per-prompt metric
     ran: set[str] = set()  # attention implementations the passes ran on
     bar = progress_bar(range(len(chunks) * n_passes), desc=f"attribution ({method})", disable=not progress)
     it = iter(bar)
@@ -567,7 +600,7 @@ def attribute(model, clean, corrupted, metric, *, nodes: Sequence[str] | str = D
         with plan.hooks(), torch.no_grad():
             ran.add("sdpa" if plan.runs_sdpa else "eager")
             logits = plan.forward(ch.clean, logits_to_keep=metric.trailing_logits(ch.clean))
-            m_clean.append(metric.per_prompt(metric(logits, ch.clean, rec_c.store)).float().cpu())
+            m_clean[ch.prompts] = metric.per_prompt(metric(logits, ch.clean, rec_c.store)).float().cpu()
         ca = {k: v.detach() for k, v in rec_c.store.items()}
         next(it, None)
         del logits
@@ -593,7 +626,7 @@ def attribute(model, clean, corrupted, metric, *, nodes: Sequence[str] | str = D
             vals = metric(logits, ch.corr, rec_x.store)
             per = metric.per_prompt(vals)
             if k == 0:
-                m_corr.append(per.detach().float().cpu())
+                m_corr[ch.prompts] = per.detach().float().cpu()
                 xa = {n: v.detach() for n, v in rec_x.store.items()}
             names = [n for n in grad_names if n in rec_x.store]
             tensors = [rec_x.store[n] for n in names]
@@ -665,7 +698,7 @@ def attribute(model, clean, corrupted, metric, *, nodes: Sequence[str] | str = D
             return out
 
         for key, x in score_nodes(grads).items():
-            acc.add(key, ch.per_prompt(x))
+            acc.add(key, ch.prompts, ch.per_prompt(x))
         for drop, gd in drop_grads.items():
             for key, x in score_nodes(gd).items():
                 if key == "sublayers":  # a layer's own writes carry no gradient when it is dropped
@@ -679,7 +712,7 @@ def attribute(model, clean, corrupted, metric, *, nodes: Sequence[str] | str = D
 
     # ---- results -------------------------------------------------------------------------------
     n = pairs.n_prompts
-    mc, mx = torch.cat(m_clean), torch.cat(m_corr)
+    mc, mx = m_clean, m_corr
     gap = float(mc.mean() - mx.mean())
     scale = 1.0
     if normalize:
@@ -707,8 +740,8 @@ def attribute(model, clean, corrupted, metric, *, nodes: Sequence[str] | str = D
         "k": ("heads", ("layer", "head"), layer_labels),
         "v": ("heads", ("layer", "head"), layer_labels),
     }
-    for key, parts in acc.per_prompt.items():
-        x = torch.cat(parts) * scale  # [n, ...]
+    for key, x in acc.per_prompt.items():
+        x = x * scale  # [n, ...]
         kind, axes, labels = spec[key]
         mean = x.mean(0)
         extra = {"stderr": x.std(0) / n ** 0.5} if n > 1 else {}

@@ -165,9 +165,13 @@ def patch(model, clean, corrupted, metric, *, nodes: str = "resid", candidates: 
     starts = [Site("resid_pre", L) for L in range(nL)] + [Site("resid_post", nL - 1)]
     metric_sites = [Site(s.kind, s.layer) for s in metric.sites]
 
-    effects = {c: [] for c in cells}  # per-prompt effects, one tensor per chunk
-    m_clean, m_corr = [], []
-    n_work = sum(math.ceil(len(v) / max(1, batch_size // max(1, len(ch.corr)))) for ch in chunks
+    # per-prompt effects and metrics, pre-allocated: each chunk writes its columns in place
+    n = pairs.n_prompts
+    effects = torch.empty(len(cells), n)
+    cell_row = {c: i for i, c in enumerate(cells)}
+    m_clean, m_corr = torch.empty(n), torch.empty(n)
+    chunk_rows = [min(per_chunk, pairs.n_prompts - s) * r_per for s in range(0, pairs.n_prompts, per_chunk)]
+    n_work = sum(math.ceil(len(v) / max(1, batch_size // max(1, rows))) for rows in chunk_rows
                  for v in by_layer.values())
     bar = progress_bar(range(len(chunks) + n_work), desc=f"patching ({nodes})", disable=not progress)
     it = iter(bar)
@@ -179,7 +183,7 @@ def patch(model, clean, corrupted, metric, *, nodes: str = "resid", candidates: 
         plan = HookPlan(model, [], rec_c.readers, attn=attn)
         with plan.hooks(), torch.no_grad():
             lg = plan.forward(ch.clean, logits_to_keep=metric.trailing_logits(ch.clean))
-            m_clean.append(metric.per_prompt(metric(lg, ch.clean, rec_c.store)).float().cpu())
+            m_clean[ch.prompts] = metric.per_prompt(metric(lg, ch.clean, rec_c.store)).float().cpu()
             ca = dict(rec_c.store)
             rec_x = _Recorder(model, fam + starts + metric_sites, [])
             plan = HookPlan(model, [], rec_x.readers, attn=attn)
@@ -187,7 +191,7 @@ def patch(model, clean, corrupted, metric, *, nodes: str = "resid", candidates: 
                 lg = plan.forward(ch.corr, logits_to_keep=metric.trailing_logits(ch.corr), keep_kv=skip_prefix)
             kv = plan.kv if skip_prefix and plan.kv is not None and len(plan.kv.kv) == nL else None
             base = metric.per_prompt(metric(lg, ch.corr, rec_x.store)).float()
-            m_corr.append(base.cpu())
+            m_corr[ch.prompts] = base.cpu()
             xa = dict(rec_x.store)
         n_forwards += 2
         next(it, None)
@@ -202,7 +206,7 @@ def patch(model, clean, corrupted, metric, *, nodes: str = "resid", candidates: 
                 skip = [c for c in lcells if not bool(((ch.aligned == c[1]) & (torch.arange(
                     ch.aligned.shape[1], device=ch.aligned.device) >= p0)).any())]
                 for c in skip:
-                    effects[c].append(torch.zeros(ch.n))
+                    effects[cell_row[c], ch.prompts] = 0.0
                 lcells = [c for c in lcells if c not in set(skip)]
             for g0 in range(0, len(lcells), copies):
                 group = lcells[g0:g0 + copies]
@@ -210,12 +214,11 @@ def patch(model, clean, corrupted, metric, *, nodes: str = "resid", candidates: 
                 n_forwards += 1
                 eff = vals.reshape(len(group), ch.n) - base[None]  # [copies, n_chunk]
                 for c, e in zip(group, eff):
-                    effects[c].append(e.cpu())
+                    effects[cell_row[c], ch.prompts] = e.cpu()
                 next(it, None)
         del ca, xa, ctx, lg, kv
 
-    n = pairs.n_prompts
-    mc, mx = torch.cat(m_clean), torch.cat(m_corr)
+    mc, mx = m_clean, m_corr
     scale = 1.0
     if normalize:
         gap = float(mc.mean() - mx.mean())
@@ -226,8 +229,8 @@ def patch(model, clean, corrupted, metric, *, nodes: str = "resid", candidates: 
     scores = torch.full(shape, float("nan"))
     stderr = torch.full(shape, float("nan"))
     patched = torch.zeros(shape)
-    for c, parts in effects.items():
-        x = torch.cat(parts) * scale
+    for c, i in cell_row.items():
+        x = effects[i] * scale
         scores[c] = x.mean()
         stderr[c] = x.std() / n ** 0.5 if n > 1 else 0.0
         patched[c] = 1.0
