@@ -135,26 +135,35 @@ def _texts(tok, bos: int, n_tokens: int, n: int, pair: bool) -> tuple[list[str],
     return [b + SUFFIX + PAIR_WORDS[0] for b in bases], [b + SUFFIX + PAIR_WORDS[1] for b in bases]
 
 
-def run_point(op: str, axis: str, size: int, new_tokens: int, attn: str = "auto") -> dict:
+def _setup():
+    """The embedded model on one thread, its tokenizer, the BOS offset, the happy-vs-sad logit
+    difference, every layer's resid site and the patching candidates (shared by all measurements)."""
     import torch
 
     torch.set_num_threads(1)
     import emolens
-    from emolens import Pos, capture, resid
-    from emolens.attribution import attribute
-    from emolens.interventions import Add
+    from emolens import resid
     from emolens.metrics import logit_diff
-    from emolens.patching import patch
 
     m = emolens.load_model()
     tok = m.tokenizer
     bos = int(m.encode(["word"], chat=False).input_ids.shape[1]) - len(tok("word", add_special_tokens=False)["input_ids"])
     metric = logit_diff(m, [tok(" happy", add_special_tokens=False)["input_ids"][0]],
                         [tok(" sad", add_special_tokens=False)["input_ids"][0]])
+    return m, tok, bos, metric, [resid(L) for L in range(m.n_layers)], [(PATCH_LAYER, h) for h in range(m.n_heads)]
+
+
+def run_point(op: str, axis: str, size: int, new_tokens: int, attn: str = "auto") -> dict:
+    import torch
+
+    from emolens import Pos, capture, resid
+    from emolens.attribution import attribute
+    from emolens.interventions import Add
+    from emolens.patching import patch
+
+    m, tok, bos, metric, sites, cand = _setup()
     v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(0))
     steer = [Add(resid(STEER_LAYER), v / v.norm(), strength=4.0, pos=Pos.all())]
-    sites = [resid(L) for L in range(m.n_layers)]
-    cand = [(PATCH_LAYER, h) for h in range(m.n_heads)]
 
     def make(n_prompts: int, n_tokens: int):
         pair = op in ("attribution", "patching")
@@ -396,22 +405,11 @@ def compare_attn(lengths: list[int], reps: int, out: Path, qk_fix: bool = False)
     With ``qk_fix``, only the AtP* QK fix is timed instead (attribution of ``q``/``k`` nodes with
     ``qk_fix=True``), which reads the attention pattern: ``attn="auto"`` must run it eager, so
     "sdpa" there is the automatic fallback (``meta["attn"]`` is recorded)."""
-    import torch
-
-    torch.set_num_threads(1)
-    import emolens
-    from emolens import capture, resid
+    from emolens import capture
     from emolens.attribution import attribute
-    from emolens.metrics import logit_diff
     from emolens.patching import patch
 
-    m = emolens.load_model()
-    tok = m.tokenizer
-    bos = int(m.encode(["word"], chat=False).input_ids.shape[1]) - len(tok("word", add_special_tokens=False)["input_ids"])
-    metric = logit_diff(m, [tok(" happy", add_special_tokens=False)["input_ids"][0]],
-                        [tok(" sad", add_special_tokens=False)["input_ids"][0]])
-    sites = [resid(L) for L in range(m.n_layers)]
-    cand = [(PATCH_LAYER, h) for h in range(m.n_heads)]
+    m, tok, bos, metric, sites, cand = _setup()
 
     seen_attn: dict = {}
 
