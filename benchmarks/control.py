@@ -19,6 +19,11 @@ Protocol (fixed before any run):
    retention questions.
 4. The RESULT line's ``variant`` is chosen on calibration too: the generalising variant with the highest
    calibration accuracy at a point that passes every guard there (never the test split's best row).
+   ``judge_kappa`` is the best pair's Cohen's kappa on the test replies, ``judge_kappa_lo`` its 95 %
+   bootstrap lower bound.
+
+``--test-skip N`` tests on the records after the first N (a second, unseen part of the test file);
+``--methods`` runs a subset of the swept methods (prompting and the unsteered model always run).
 
 All prompts use one neutral system prompt (``--system``; default a conversational one: under the
 paper's "Keep the reply to at most two sentences." SmolLM2-135M restates/edits the user's text in
@@ -52,7 +57,8 @@ PAPER_SYSTEM = "Keep the reply to at most two sentences."
 #: the cache keys, so changing it recomputes the blend's rows)
 BLEND_WEIGHT = 0.5
 #: the generalising variants compared with the paper-faithful reference circuit (issue 10, item 3)
-VARIANTS = ("circuit_reply", "circuit_noname", "circuit_story", "circuit_story_reply", "story_steer", "circuit_blend")
+VARIANTS = ("circuit_reply", "circuit_noname", "circuit_story", "circuit_story_reply", "story_steer", "circuit_blend",
+            "circuit_va")
 
 
 def log(*a):
@@ -95,6 +101,8 @@ def main(argv=None) -> int:
     ap.add_argument("--analysis", default=None, help="SEV-format analysis JSONL (default: sev_analysis.jsonl)")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--test-records", type=int, default=8)
+    ap.add_argument("--test-skip", type=int, default=0,
+                    help="skip the first N test records (round-robin over themes): a second, unseen test set")
     ap.add_argument("--valence", default="neutral")
     ap.add_argument("--stats-records", type=int, default=12)
     ap.add_argument("--influence-samples", type=int, default=8)
@@ -117,6 +125,11 @@ def main(argv=None) -> int:
     ap.add_argument("--story-alphas", default="1")
     ap.add_argument("--blend-scales", default="1.5,1.75,2,2.5",
                     help="circuit_blend scales (P_emo payload x s + story payload x s x BLEND_WEIGHT)")
+    ap.add_argument("--methods", default=",".join(("steering", "circuit") + VARIANTS),
+                    help="swept methods to calibrate and test (prompting and the unsteered model always run; "
+                         "steering and circuit are required)")
+    ap.add_argument("--va-scales", default="2,3,4",
+                    help="circuit_va scales (the blend payload restricted to its valence-arousal plane)")
     ap.add_argument("--system", default=CHAT_SYSTEM)
     ap.add_argument("--paper-prompt", action="store_true", help="use the paper's neutral system prompt")
     ap.add_argument("--judge-url", default=None)
@@ -132,8 +145,9 @@ def main(argv=None) -> int:
     from emolens.circuits.assembly import assemble_circuit
     from emolens.circuits.components import head_scores_from_stats, neuron_scores_from_stats
     from emolens.circuits.control import (MENTION_TEMPLATE, blend_payloads, generate_with, load_stories,
-                                          name_confound_removed, per_emotion_choice, reply_modulation_interventions,
-                                          story_directions, text_difference_vectors)
+                                          VA_COORDS, name_confound_removed, per_emotion_choice,
+                                          reply_modulation_interventions, story_directions, text_difference_vectors,
+                                          valence_arousal_axes, valence_arousal_payload)
     from emolens.circuits.directions import collect_sev_stats, difference_vectors, emotion_directions
     from emolens.circuits.influence import layers_from_fraction, sigma, sublayer_influence
     from emolens.circuits.modulation import modulation_interventions
@@ -154,9 +168,11 @@ def main(argv=None) -> int:
     qa_kw = {"max_new_tokens": 12, "repetition_penalty": 1.1, "no_repeat_ngram_size": 3}
     # the test cache: its entries are keyed by method and strength, so an extended sweep reuses them
     sweep_args = ("steer_alphas", "circuit_scales", "reply_scales", "noname_scales", "story_circuit_scales",
-                  "story_reply_scales", "story_alphas", "blend_scales")
+                  "story_reply_scales", "story_alphas", "blend_scales", "va_scales")
     cfg = {k: v for k, v in vars(args).items()
-           if k not in ("out", "judge_url", "judge_model", "calib_only") + sweep_args}
+           if k not in ("out", "judge_url", "judge_model", "calib_only", "methods") + sweep_args}
+    if not cfg["test_skip"]:
+        cfg.pop("test_skip")  # keeps the cache keys of runs made before the option existed
     cfg.update(system_used=system, gen_kw=gen_kw, guards=guards.to_dict(), blend_weight=BLEND_WEIGHT, v=3)
     cache = Cache(Path(args.out), cfg)
     # the analysis step depends only on these: reruns with other sweeps or test files reuse it
@@ -176,7 +192,11 @@ def main(argv=None) -> int:
     rr = round_robin(analysis_recs, len(analysis_recs))
     stats_items = sev_items(rr[:args.stats_records])
     calib_items = sev_items(rr[args.stats_records:args.stats_records + args.calib_records], [args.valence])
-    test_items = sev_items(round_robin(test_recs, args.test_records), [args.valence])
+    test_rr = round_robin(test_recs, args.test_skip + args.test_records)[args.test_skip:]
+    if len(test_rr) < args.test_records:
+        raise SystemExit(f"--test-skip {args.test_skip} --test-records {args.test_records}: the test file has only "
+                         f"{len(test_recs)} records")
+    test_items = sev_items(test_rr, [args.valence])
     test_keys = {(it.scenario, it.event) for it in test_items}
     assert not test_keys & {(it.scenario, it.event) for it in stats_items + calib_items}, "test overlaps analysis"
 
@@ -256,6 +276,11 @@ def main(argv=None) -> int:
 
     steer_layers = layers_from_fraction(L, (0.39, 0.72))
     bl_mlp, bl_attn = blend_payloads(dmu_mlp, st_mlp, BLEND_WEIGHT), blend_payloads(dmu_attn, st_attn, BLEND_WEIGHT)
+    # two-axis control: the blend payload fitted as b + v V + a A over the six emotions' coordinates, read back at each
+    # emotion's (v, a) (what a valence-arousal control can express of each emotion)
+    va = {e: VA_COORDS[e] for e in EMOS}
+    va_mlp = valence_arousal_payload(valence_arousal_axes(bl_mlp, va), va)
+    va_attn = valence_arousal_payload(valence_arousal_axes(bl_attn, va), va)
     methods = {
         "steering": lambda a: (lambda e: steering_interventions(model, directions, e, steer_layers, a)),
         "circuit": lambda s: (lambda e: modulation_interventions(model, circuits[e], dmu_mlp, dmu_attn, s)),
@@ -267,12 +292,17 @@ def main(argv=None) -> int:
                                                                                    s)),
         "story_steer": lambda a: (lambda e: steering_interventions(model, story, e, steer_layers, a)),
         "circuit_blend": lambda s: (lambda e: modulation_interventions(model, circuits[e], bl_mlp, bl_attn, s)),
+        "circuit_va": lambda s: (lambda e: modulation_interventions(model, circuits[e], va_mlp, va_attn, s)),
     }
     sweeps = {"steering": args.steer_alphas, "circuit": args.circuit_scales, "circuit_reply": args.reply_scales,
               "circuit_noname": args.noname_scales, "circuit_story": args.story_circuit_scales,
               "circuit_story_reply": args.story_reply_scales,
-              "story_steer": args.story_alphas, "circuit_blend": args.blend_scales}
-    sweeps = {k: [float(x) for x in v.split(",")] for k, v in sweeps.items()}
+              "story_steer": args.story_alphas, "circuit_blend": args.blend_scales, "circuit_va": args.va_scales}
+    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(wanted) - set(sweeps))
+    if unknown or not {"steering", "circuit"} <= set(wanted):
+        raise SystemExit(f"--methods: unknown {unknown} (valid: {sorted(sweeps)}); steering and circuit are required")
+    sweeps = {k: [float(x) for x in v.split(",")] for k, v in sweeps.items() if k in wanted}
     qa = load_retention_qa()
 
     def run_method(ps, ivf, emo_prompt_ps=None):
@@ -326,7 +356,8 @@ def main(argv=None) -> int:
                          key=lambda r: order[(r["method"], float(r["value"]))])
     log(f"calibration generated in {time.time() - t0:.0f}s")
     base_ppl_c = cal["base"]["ppl"]
-    calib_table, chosen, per_emotion_rows = [], {}, {e: [] for e in EMOS}
+    per_emotion_methods = [m for m in ("circuit", "circuit_blend") if m in sweeps]
+    calib_table, chosen, per_emotion_rows = [], {}, {m: {e: [] for e in EMOS} for m in per_emotion_methods}
     base_df = judged(cps, cal["base"]["texts"])
     calib_table.append({"method": "none", "value": 0, "accuracy": base_df["majority"].mean(),
                         **card_table([side_effect_card("none", users_c, cal["base"]["texts"], list(cps.emotions),
@@ -341,18 +372,19 @@ def main(argv=None) -> int:
         ct = card_table([card], guards).iloc[0].to_dict()
         ct.pop("method")
         calib_table.append({"method": r["method"], "value": r["value"], "accuracy": row["accuracy"], **ct})
-        if r["method"] == "circuit":  # per-emotion cards for the per-emotion-scale variant (ppl: the method's pooled)
-            for e in EMOS:
+        if r["method"] in per_emotion_rows:  # per-emotion cards for the per-emotion-scale variants (ppl and
+            for e in EMOS:                     # retention: the row's pooled values, measured over all emotions)
                 idx = [i for i, x in enumerate(cps.emotions) if x == e]
-                ce = side_effect_card("circuit", [users_c[i] for i in idx], [r["texts"][i] for i in idx], [e] * len(idx),
-                                      ppl=r["ppl"], ppl_base=base_ppl_c, retention=r["retention"],
+                ce = side_effect_card(r["method"], [users_c[i] for i in idx], [r["texts"][i] for i in idx],
+                                      [e] * len(idx), ppl=r["ppl"], ppl_base=base_ppl_c, retention=r["retention"],
                                       retention_base=cal["base"]["retention"])
-                per_emotion_rows[e].append({"value": r["value"], "accuracy": float(df["majority"].iloc[idx].mean()),
-                                            "card": ce})
+                per_emotion_rows[r["method"]][e].append(
+                    {"value": r["value"], "accuracy": float(df["majority"].iloc[idx].mean()), "card": ce})
     for m, rows in by_method.items():
         best = select_operating_point(rows, guards)
         chosen[m] = float(best["value"]) if best is not None else None
-    per_scales = per_emotion_choice(per_emotion_rows, guards, default=chosen.get("circuit") or sweeps["circuit"][0])
+    per_scales = {m: per_emotion_choice(per_emotion_rows[m], guards, default=chosen.get(m) or sweeps[m][0])
+                  for m in per_emotion_methods}
     # the RESULT line's variant: the generalising variant with the highest calibration accuracy at a point that passes
     # every guard on calibration (chosen on analysis data, never on the test split); the per-emotion variant is left
     # out here because its calibration accuracy is per emotion. If no variant passes, the most accurate one (flagged).
@@ -366,7 +398,7 @@ def main(argv=None) -> int:
     ct = pd.DataFrame(calib_table)
     ct["accuracy"] = (100 * ct["accuracy"]).round(1)
     log("calibration (analysis split, majority vote):\n" + ct.to_string(index=False))
-    log("chosen:", chosen, "per-emotion circuit scales:", per_scales)
+    log("chosen:", chosen, "per-emotion scales:", per_scales)
     if args.calib_only:
         return 0
 
@@ -378,26 +410,24 @@ def main(argv=None) -> int:
     def strength(m):  # no passing point: fall back to the weakest swept value, and say so
         return chosen[m] if chosen.get(m) is not None else sweeps[m][0]
 
-    test_methods = {
-        "unsteered": (None, None),
-        "prompting": (None, "emo"),
-        "steering": (methods["steering"](strength("steering")), None),
-        "circuit": (methods["circuit"](strength("circuit")), None),
-        "circuit_reply": (methods["circuit_reply"](strength("circuit_reply")), None),
-        "circuit_per_emotion": ((lambda e: modulation_interventions(model, circuits[e], dmu_mlp, dmu_attn,
-                                                                    per_scales[e])), None),
-        "circuit_noname": (methods["circuit_noname"](strength("circuit_noname")), None),
-        "circuit_story": (methods["circuit_story"](strength("circuit_story")), None),
-        "circuit_story_reply": (methods["circuit_story_reply"](strength("circuit_story_reply")), None),
-        "story_steer": (methods["story_steer"](strength("story_steer")), None),
-        "circuit_blend": (methods["circuit_blend"](strength("circuit_blend")), None),
-    }
-    test_strength = {"unsteered": 0, "prompting": 0, "circuit_per_emotion": json.dumps(per_scales, sort_keys=True),
-                     **{m: strength(m) for m in methods}}
+    def per_emotion_ivf(m):
+        return lambda e: methods[m](per_scales[m][e])(e)
+
+    test_methods = {"unsteered": (None, None), "prompting": (None, "emo")}
+    test_strength = {"unsteered": 0, "prompting": 0}
+    for m in sweeps:
+        test_methods[m] = (methods[m](strength(m)), None)
+        test_strength[m] = strength(m)
+        if m in per_scales:  # per-emotion scales chosen on calibration, right after the method's row
+            test_methods[f"{m}_per_emotion"] = (per_emotion_ivf(m), None)
+            same = len(set(per_scales[m].values())) == 1 and next(iter(per_scales[m].values())) == strength(m)
+            # every emotion at the pooled value: the same interventions, so the pooled row's replies are reused
+            test_strength[f"{m}_per_emotion"] = strength(m) if same else json.dumps(per_scales[m], sort_keys=True)
     stored = cache.get("test") or {}
     res = {}
     for name, (ivf, kind) in test_methods.items():
-        key = f"{name}@{test_strength[name]}"
+        pooled = name.removesuffix("_per_emotion")
+        key = f"{pooled if test_strength[name] == test_strength[pooled] else name}@{test_strength[name]}"
         if key not in stored:
             t0 = time.time()
             texts = run_method(tps, ivf, tps_emo if kind == "emo" else None)
@@ -448,7 +478,7 @@ def main(argv=None) -> int:
     print("\n## Side-effect cards (test; perplexity under the unsteered model; retention on 50 questions)")
     print(card_table(cards, guards).to_string(index=False))
     print("\n## Operating points (chosen on the analysis split by the guarded rule)")
-    print(json.dumps({"chosen": chosen, "per_emotion_circuit_scales": per_scales}))
+    print(json.dumps({"chosen": chosen, "per_emotion_scales": per_scales}))
     print("\n## Example replies (first test scenario)")
     first = tps.items[0].user
     print("USER:", first.replace("\n", " / "))
@@ -468,8 +498,10 @@ def main(argv=None) -> int:
     print(f"total time {time.time() - t_all:.0f}s")
     c = card_by["circuit"]
     v = card_by[best_v]
+    top = ag["pairs"].loc[ag["pairs"]["kappa"].idxmax()]  # the pair behind judge_kappa, with its bootstrap interval
     print(f"RESULT circuit_acc={acc['circuit']:.3f} steer_acc={acc['steering']:.3f} prompt_acc={acc['prompting']:.3f} "
-          f"judge_kappa={ag['max_pair_kappa']:.3f} ppl_ratio_circuit={c.ppl_ratio:.2f} "
+          f"judge_kappa={ag['max_pair_kappa']:.3f} judge_kappa_lo={top['kappa_lo']:.3f} "
+          f"judge_kappa_pair={top['judge_a']}-{top['judge_b']} ppl_ratio_circuit={c.ppl_ratio:.2f} "
           f"restate_rate_circuit={c.restate_rate:.3f} name_rate_circuit={c.name_rate:.3f} "
           f"variant={best_v} variant_acc={acc[best_v]:.3f} ppl_ratio_variant={v.ppl_ratio:.2f} "
           f"restate_rate_variant={v.restate_rate:.3f} name_rate_variant={v.name_rate:.3f} "

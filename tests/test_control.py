@@ -53,6 +53,24 @@ def test_cohen_kappa_hand_cases():
         cohen_kappa([1], [1, 0])
 
 
+def test_cohen_kappa_ci_equals_a_loop_over_the_same_resamples():
+    """The vectorised bootstrap equals cohen_kappa() on each resample drawn with the same generator."""
+    from emolens.evaluate.agreement import cohen_kappa_ci
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 3, 200).tolist()
+    b = [x if rng.random() < 0.6 else int(rng.integers(0, 3)) for x in a]
+    lo, hi = cohen_kappa_ci(a, b, n_boot=300, seed=7)
+    idx = np.random.default_rng(7).integers(0, len(a), size=(300, len(a)))
+    ref = [cohen_kappa([a[i] for i in r], [b[i] for i in r]) for r in idx]
+    assert (lo, hi) == pytest.approx((np.quantile(ref, 0.025), np.quantile(ref, 0.975)))
+    assert lo < cohen_kappa(a, b) < hi
+    assert cohen_kappa_ci(a, a, n_boot=50) == pytest.approx((1.0, 1.0))
+    assert all(np.isnan(cohen_kappa_ci([1, 1], [1, 1], n_boot=20)))
+    with pytest.raises(InputError):
+        cohen_kappa_ci([1], [1, 0])
+
+
 def test_fleiss_kappa_wikipedia_example():
     # Fleiss (1971) worked example as on Wikipedia: 10 items, 14 raters, 5 categories -> 0.210
     counts = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
@@ -351,3 +369,45 @@ def test_blend_payloads_hand_case_and_equals_two_modulations(tiny_llama):
     lo, lt = m.forward(prompts, interventions=one), m.forward(prompts, interventions=two)
     assert (lo - base).abs().max() > 1e-3  # the payload does something
     torch.testing.assert_close(lo, lt, atol=1e-4, rtol=1e-4)
+
+
+def test_valence_arousal_axes_recover_a_planar_payload_and_reject_bad_input():
+    """A payload built exactly as b + v V + a A is recovered (axes and every emotion's payload); a payload off the
+    plane is replaced by its least-squares projection (residual orthogonal to the coordinate columns)."""
+    import torch
+
+    from emolens.circuits.control import VA_COORDS, valence_arousal_axes, valence_arousal_payload
+    from emolens.results import Result
+
+    E = list(VA_COORDS)
+    g = torch.Generator().manual_seed(1)
+    b, V, A = (torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    c = torch.tensor([VA_COORDS[e] for e in E], dtype=torch.float64)
+    planar = b + c[:, 0, None, None] * V + c[:, 1, None, None] * A  # [E, 3, 5]
+    dmu = Result("neurons", planar, ("emotion", "layer", "neuron"), {"emotion": E}, {}, {"method": "x"})
+    ax = valence_arousal_axes(dmu)
+    assert ax.axes == ("axis", "layer", "neuron") and ax.labels["axis"] == ["intercept", "valence", "arousal"]
+    torch.testing.assert_close(ax.scores.double(), torch.stack([b, V, A]), atol=1e-5, rtol=1e-5)
+    back = valence_arousal_payload(ax, {e: VA_COORDS[e] for e in E})
+    torch.testing.assert_close(back.scores.double(), planar, atol=1e-5, rtol=1e-5)
+    # a new point of the plane: b + v V + a A by hand
+    calm = valence_arousal_payload(ax, {"calm": (0.5, -0.8)})
+    assert calm.labels["emotion"] == ["calm"]
+    torch.testing.assert_close(calm.scores[0].double(), b + 0.5 * V - 0.8 * A, atol=1e-5, rtol=1e-5)
+
+    noisy = planar + torch.randn(planar.shape, generator=g, dtype=torch.float64)
+    proj = valence_arousal_payload(valence_arousal_axes(Result("neurons", noisy, dmu.axes, dmu.labels, {}, {})),
+                                   {e: VA_COORDS[e] for e in E}).scores.double()
+    design = torch.cat([torch.ones(len(E), 1, dtype=torch.float64), c], 1)
+    resid = (noisy - proj).reshape(len(E), -1)
+    torch.testing.assert_close(design.T @ resid, torch.zeros(3, resid.shape[1], dtype=torch.float64), atol=1e-4,
+                               rtol=0)
+
+    with pytest.raises(InputError, match="coordinates"):
+        valence_arousal_axes(dmu, {e: VA_COORDS[e] for e in E[:-1]})
+    with pytest.raises(InputError, match="span"):
+        valence_arousal_axes(dmu, {e: (0.1 * i, 0.2 * i) for i, e in enumerate(E)})
+    with pytest.raises(InputError, match="NaN"):
+        valence_arousal_axes(Result("neurons", planar * float("nan"), dmu.axes, dmu.labels, {}, {}))
+    with pytest.raises(InputError, match="valence_arousal_axes"):
+        valence_arousal_payload(dmu, {"x": (0.0, 0.0)})

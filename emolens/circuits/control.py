@@ -21,6 +21,10 @@
 * :func:`blend_payloads` - one payload from two: ``a + weight * b`` (e.g. P_emo's instruction payload
   plus the show-not-name story payload), so one circuit carries both what the instruction asks for
   and how the emotion reads in text.
+* :func:`valence_arousal_axes` / :func:`valence_arousal_payload` - a two-axis control: each payload
+  vector is fitted, by least squares over the emotions, as ``b + v_e V + a_e A`` from the emotions'
+  valence-arousal coordinates (:data:`VA_COORDS`), and any point ``(v, a)`` of that plane becomes a
+  payload ``b + v V + a A`` (for the six emotions: the payload restricted to two dimensions).
 * :func:`per_emotion_choice` - per-emotion strengths from a calibration sweep with the same guarded rule.
 
 All interventions are plain :class:`~emolens.interventions.Add` specs run by the one hook engine.
@@ -42,7 +46,14 @@ from .modulation import modulation_interventions
 
 __all__ = ["reply_modulation_interventions", "load_stories", "story_directions", "confound_basis",
            "per_emotion_choice", "text_difference_vectors", "name_confound_removed", "blend_payloads",
-           "MENTION_TEMPLATE"]
+           "valence_arousal_axes", "valence_arousal_payload", "MENTION_TEMPLATE", "VA_COORDS"]
+
+#: (valence, arousal) of the six emotions on [-1, 1]: approximate circumplex positions (Russell 1980;
+#: NRC-VAD-like ordering), project-chosen, not tuned on any data. Pass your own to the functions below.
+VA_COORDS: dict[str, tuple[float, float]] = {
+    "anger": (-0.65, 0.75), "sadness": (-0.90, -0.40), "happiness": (0.90, 0.45),
+    "fear": (-0.85, 0.70), "surprise": (0.70, 0.75), "disgust": (-0.90, 0.55),
+}
 
 #: System-prompt prefix of the lexical control for :func:`name_confound_removed`: the emotion word
 #: is present, the instruction to express it is not.
@@ -221,6 +232,72 @@ def blend_payloads(a: Result, b: Result, weight: float) -> Result:
     return Result(a.kind, out, a.axes, dict(a.labels), {},
                   {**a.meta, "metric": a.meta.get("metric", "activation difference"),
                    "method": f"blend: ({a.meta.get('method', 'a')}) + {w:g} x ({b.meta.get('method', 'b')})"})
+
+
+def _va_matrix(emotions: Sequence[str], coords: Mapping[str, tuple[float, float]], who: str) -> torch.Tensor:
+    missing = [e for e in emotions if e not in coords]
+    if missing:
+        raise InputError(f"{who}: no valence-arousal coordinates for {missing}; pass coords={{emotion: (v, a)}}.")
+    c = torch.tensor([[1.0, *map(float, coords[e])] for e in emotions], dtype=torch.float64)  # [E, 3]
+    if not torch.isfinite(c).all():
+        raise InputError(f"{who}: coordinates must be finite numbers.")
+    return c
+
+
+def valence_arousal_axes(dmu: Result, coords: Mapping[str, tuple[float, float]] | None = None) -> Result:
+    """Least-squares valence and arousal axes of a difference-vector payload.
+
+    For every payload entry (layer, neuron or head dimension), fits over the emotions
+    ``dmu[e] = b + v_e * V + a_e * A`` (``coords[e] = (v_e, a_e)``, default :data:`VA_COORDS`).
+
+    Args:
+        dmu: difference vectors ``[emotion, ...]`` (e.g. step 5's neurons or head vectors, a blend).
+        coords: valence-arousal coordinates of at least three emotions of ``dmu`` that are not collinear.
+
+    Returns:
+        Result of ``dmu``'s kind with the emotion axis replaced by ``axis`` = ``["intercept",
+        "valence", "arousal"]``: ``[3, ...]`` in the payload's units per unit of the coordinates.
+    """
+    emos = list(dmu.labels.get("emotion", []))
+    if not emos or dmu.axes[0] != "emotion":
+        raise InputError("valence_arousal_axes(): pass difference vectors with a leading 'emotion' axis.")
+    coords = VA_COORDS if coords is None else coords
+    c = _va_matrix(emos, coords, "valence_arousal_axes()")
+    if len(emos) < 3 or torch.linalg.matrix_rank(c) < 3:
+        raise InputError(f"valence_arousal_axes(): the coordinates of {emos} do not span the plane (need 3 emotions "
+                         "not on one line); add emotions or change coords.")
+    y = dmu.scores.double()
+    if not torch.isfinite(y).all():
+        raise InputError("valence_arousal_axes(): NaN or infinite values in the payload; recompute it.")
+    coef = torch.linalg.lstsq(c, y.reshape(len(emos), -1)).solution  # [3, n]
+    return Result(dmu.kind, coef.reshape((3,) + tuple(y.shape[1:])).float(), ("axis",) + tuple(dmu.axes[1:]),
+                  {"axis": ["intercept", "valence", "arousal"]}, {},
+                  {**dmu.meta, "coords": {e: list(map(float, coords[e])) for e in emos},
+                   "method": f"valence-arousal least squares of ({dmu.meta.get('method', 'payload')})"})
+
+
+def valence_arousal_payload(axes: Result, coords: Mapping[str, tuple[float, float]]) -> Result:
+    """Payloads at points of the valence-arousal plane: ``b + v V + a A`` for each ``name: (v, a)``.
+
+    Args:
+        axes: :func:`valence_arousal_axes`'s result.
+        coords: ``{name: (valence, arousal)}``; the names become the ``emotion`` labels, so
+            :func:`~emolens.circuits.modulation.modulation_interventions` takes the result as it takes
+            step 5's difference vectors (with a circuit whose ``emotion`` is that name).
+
+    Returns:
+        Result of ``axes``'s kind, ``[emotion, ...]``.
+    """
+    if axes.axes[0] != "axis" or axes.labels.get("axis") != ["intercept", "valence", "arousal"]:
+        raise InputError("valence_arousal_payload(): pass the result of valence_arousal_axes().")
+    names = list(coords)
+    if not names:
+        raise InputError("valence_arousal_payload(): pass at least one {name: (valence, arousal)} point.")
+    c = _va_matrix(names, coords, "valence_arousal_payload()")
+    out = torch.einsum("ek,k...->e...", c, axes.scores.double()).float()
+    return Result(axes.kind, out, ("emotion",) + tuple(axes.axes[1:]), {"emotion": names}, {},
+                  {**axes.meta, "points": {n: list(map(float, coords[n])) for n in names},
+                   "method": f"valence-arousal point of ({axes.meta.get('method', 'axes')})"})
 
 
 def per_emotion_choice(per_emotion_rows: Mapping[str, Sequence[Mapping]], guards, default: float) -> dict[str, float]:

@@ -41,8 +41,8 @@ from .lexicon import (
 )
 from .fluency import corpus_perplexity, perplexity, reply_nll
 from .server import model_generate_fn, serve
-from .agreement import (JudgeEnsemble, accuracy_table, cohen_kappa, fleiss_kappa, intervals_overlap, majority_vote,
-                        pairwise_kappa, wilson_interval)
+from .agreement import (JudgeEnsemble, accuracy_table, cohen_kappa, cohen_kappa_ci, fleiss_kappa, intervals_overlap,
+                        majority_vote, pairwise_kappa, wilson_interval)
 from .stats import PairedTest, bootstrap_ci, holm, paired_test, results_table
 
 __all__ = [
@@ -71,7 +71,7 @@ __all__ = [
     "holm",
     "results_table",
     "serve",
-    "JudgeEnsemble", "accuracy_table", "cohen_kappa", "fleiss_kappa", "intervals_overlap", "majority_vote",
-    "pairwise_kappa", "wilson_interval",
+    "JudgeEnsemble", "accuracy_table", "cohen_kappa", "cohen_kappa_ci", "fleiss_kappa", "intervals_overlap",
+    "majority_vote", "pairwise_kappa", "wilson_interval",
     "model_generate_fn",
 ]

@@ -26,7 +26,7 @@ from emolens.errors import InputError
 
 from .judges import Judge
 
-__all__ = ["wilson_interval", "cohen_kappa", "fleiss_kappa", "majority_vote", "pairwise_kappa",
+__all__ = ["wilson_interval", "cohen_kappa", "cohen_kappa_ci", "fleiss_kappa", "majority_vote", "pairwise_kappa",
            "JudgeEnsemble", "accuracy_table", "intervals_overlap"]
 
 
@@ -77,6 +77,37 @@ def cohen_kappa(a: Sequence, b: Sequence) -> float:
     return (po - pe) / (1 - pe)
 
 
+def cohen_kappa_ci(a: Sequence, b: Sequence, level: float = 0.95, n_boot: int = 1000,
+                   seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`cohen_kappa` (items resampled with replacement).
+
+    Items are treated as independent; replies that share a prompt are not, so read the interval as a
+    lower bound on the uncertainty. Resamples where kappa is undefined are dropped; ``(nan, nan)``
+    when every one is.
+    """
+    a, b = list(a), list(b)
+    if len(a) != len(b) or not a:
+        raise InputError(f"cohen_kappa_ci(): need equal, non-zero numbers of ratings (got {len(a)} and {len(b)})")
+    if not 0 < level < 1 or n_boot < 1:
+        raise InputError(f"cohen_kappa_ci(): level must be in (0, 1) and n_boot >= 1 (got {level}, {n_boot})")
+    cats = sorted(set(a) | set(b), key=str)
+    ia = np.array([cats.index(x) for x in a])
+    ib = np.array([cats.index(x) for x in b])
+    n, c = len(ia), len(cats)
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    ra, rb = ia[idx], ib[idx]  # [boot, n]
+    po = (ra == rb).mean(1)
+    pa = np.stack([(ra == k).mean(1) for k in range(c)], 1)  # [boot, cats]
+    pb = np.stack([(rb == k).mean(1) for k in range(c)], 1)
+    pe = (pa * pb).sum(1)
+    ok = pe < 1.0
+    if not ok.any():
+        return float("nan"), float("nan")
+    k = (po[ok] - pe[ok]) / (1 - pe[ok])
+    q = (1 - level) / 2
+    return float(np.quantile(k, q)), float(np.quantile(k, 1 - q))
+
+
 def fleiss_kappa(ratings: Sequence[Sequence]) -> float:
     """Fleiss' kappa for ``m`` raters: ``ratings[i]`` holds the ``m`` labels given to item ``i``.
 
@@ -115,12 +146,15 @@ def majority_vote(matches: Sequence[Sequence[bool]] | np.ndarray) -> np.ndarray:
 
 
 def pairwise_kappa(frame: pd.DataFrame, judges: Sequence[str], column: str = "match") -> pd.DataFrame:
-    """Cohen's kappa for every pair of judges over ``{judge}_{column}`` columns of ``frame``."""
+    """Cohen's kappa for every pair of judges over ``{judge}_{column}`` columns of ``frame``, with its 95 %
+    bootstrap interval (``kappa_lo``, ``kappa_hi``; :func:`cohen_kappa_ci`)."""
     rows = []
     for i, a in enumerate(judges):
         for b in judges[i + 1:]:
-            rows.append({"judge_a": a, "judge_b": b, "n": len(frame),
-                         "kappa": cohen_kappa(frame[f"{a}_{column}"].tolist(), frame[f"{b}_{column}"].tolist()),
+            xa, xb = frame[f"{a}_{column}"].tolist(), frame[f"{b}_{column}"].tolist()
+            lo, hi = cohen_kappa_ci(xa, xb)
+            rows.append({"judge_a": a, "judge_b": b, "n": len(frame), "kappa": cohen_kappa(xa, xb),
+                         "kappa_lo": lo, "kappa_hi": hi,
                          "agreement": float((frame[f"{a}_{column}"] == frame[f"{b}_{column}"]).mean())})
     return pd.DataFrame(rows)
 
@@ -162,7 +196,8 @@ class JudgeEnsemble:
     def agreement(self, frame: pd.DataFrame) -> dict:
         """Pairwise Cohen's kappa (on ``match`` and on ``label``) and Fleiss' kappa on ``match``.
 
-        Returns ``{"pairs": DataFrame, "fleiss_match": float, "max_pair_kappa": float}``.
+        Returns ``{"pairs": DataFrame, "fleiss_match": float, "max_pair_kappa": float}``; ``pairs`` has
+        ``kappa`` with ``kappa_lo``/``kappa_hi`` (95 % bootstrap) on ``match`` and ``kappa_label`` on labels.
         """
         names = self.names
         if len(names) < 2:
