@@ -62,6 +62,10 @@ dataset (paper 2, section 2.2), written from scratch for emolens::
 * Shipped: 8 themes (work, family, health, travel, school, friendship, money, home);
   12 scenarios per theme in the analysis split (96 records, ids ``<theme>-aNN``) and
   6 in the test split (48 records, ids ``<theme>-tNN``); the two splits share no scenario.
+* ``sev_confirm.jsonl`` (24 records, 3 per theme, ids ``<theme>-cNN``): a confirmation test
+  split written after the control protocol of ``benchmarks/control.py`` was fixed and never used
+  for tuning; it shares no 6-word sequence with the other SEV, story or judge files. Load it with
+  ``load_sev(path)``; it is not a ``split``.
 * ``skeleton_id`` must be unique within a file (a string; integers are converted).
   :func:`load_sev` also reads the original SEV files (``sev.jsonl``, ``test_set.jsonl``).
 

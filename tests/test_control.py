@@ -140,10 +140,10 @@ def _ngrams(text, n=6):
 
 
 def test_judge_data_and_retention_disjoint_from_generation_prompts():
-    # no judge or retention text shares a 6-word sequence with any SEV scenario or event (both splits);
+    # no judge or retention text shares a 6-word sequence with any SEV scenario or event (all three splits);
     # shorter common phrases ("in the middle of the") do occur and are not copying
     sev = set()
-    for split in ("sev_analysis", "sev_test"):
+    for split in ("sev_analysis", "sev_test", "sev_confirm"):
         for line in (DATA_DIR / f"{split}.jsonl").read_text().splitlines():
             r = json.loads(line)
             sev |= _ngrams(r["scenario"])
@@ -155,6 +155,39 @@ def test_judge_data_and_retention_disjoint_from_generation_prompts():
     qa = load_retention_qa()
     assert len(qa) == 50
     assert not any(_ngrams(q["question"]) & sev for q in qa)
+
+
+def _sev_texts(rec):
+    return [rec["scenario"], *rec["event"].values()]
+
+
+def test_confirm_split_is_new_text():
+    # sev_confirm.jsonl: the confirmation test file (benchmarks/control.py --test), written after the protocol
+    # was fixed; it must load, be balanced, and share no 6-word sequence with any other shipped SEV, story or
+    # judge text (so a hit on it cannot come from tuning on, or copying from, those files)
+    from collections import Counter
+
+    from emolens.datasets import load_sev
+    path = DATA_DIR / "sev_confirm.jsonl"
+    ds = load_sev(path)
+    assert ds.num_rows == 24
+    assert Counter(ds["theme"]) == {t: 3 for t in ("work", "family", "health", "travel", "school", "friendship",
+                                                    "money", "home")}
+    ids = list(ds["skeleton_id"])
+    assert len(set(ids)) == 24 and all(i == f"{t}-c{i[-2:]}" for i, t in zip(ids, ds["theme"]))
+    other = set()
+    for name in ("sev_analysis", "sev_test"):
+        for line in (DATA_DIR / f"{name}.jsonl").read_text().splitlines():
+            for t in _sev_texts(json.loads(line)):
+                other |= _ngrams(t)
+    for name in ("emotion_stories", "judge_train", "judge_eval"):
+        for line in (DATA_DIR / f"{name}.jsonl").read_text().splitlines():
+            other |= _ngrams(json.loads(line)["text"])
+    hits = [(r["skeleton_id"], t) for r in ds for t in _sev_texts(r) if _ngrams(t) & other]
+    assert not hits, hits
+    # the check can fail: a sentence copied from the test split is caught
+    copied = json.loads((DATA_DIR / "sev_test.jsonl").read_text().splitlines()[0])["event"]["neutral"]
+    assert _ngrams(copied) & other
 
 
 # ----------------------------------------------------------------------------- side effects

@@ -44,6 +44,10 @@ hopeful hopeless grateful thankful love loved loving hate hated
 _BANNED_RE = re.compile(r"\b(" + "|".join(SEV_BANNED_WORDS) + r")\b", re.IGNORECASE)
 
 
+# The confirmation test file (benchmarks/control.py --test): not a load_sev split, loaded by path.
+_CONFIRM = resources.files("emolens").joinpath("data", "sev_confirm.jsonl")
+
+
 def _raw(name: str) -> list[dict]:
     """Read a shipped file directly (independently of the loaders)."""
     text = resources.files("emolens").joinpath("data", name).read_text(encoding="utf-8")
@@ -173,7 +177,7 @@ def test_openers_counts_schema_and_no_overlap():
     assert len(set(openers)) == len(openers), "an opener is repeated"
     diag = load_diagnostic_tasks()
     pairs = load_contrastive_pairs()
-    sev = list(load_sev(split="analysis")) + list(load_sev(split="test"))
+    sev = list(load_sev(split="analysis")) + list(load_sev(split="test")) + list(load_sev(_CONFIRM))
     used = set(map(_norm, list(diag["prompt"]) + list(diag["aligned"]) + list(diag["misaligned"])))
     used |= set(map(_norm, list(pairs["positive"]) + list(pairs["negative"])))
     used |= {_norm(r["scenario"]) for r in sev}
@@ -225,6 +229,29 @@ def test_sev_has_no_explicit_emotion_words(split):
             if found:
                 hits.append((row["skeleton_id"], found, text))
     assert not hits, hits[:5]
+
+
+def test_sev_confirm_schema_words_and_disjoint():
+    raw = _raw("sev_confirm.jsonl")
+    for rec in raw:
+        assert set(rec) == {"theme", "scenario", "event", "skeleton_id"}
+        assert set(rec["event"]) == set(SEV_VALENCES)
+        assert re.fullmatch(rf"{rec['theme']}-c\d{{2}}", rec["skeleton_id"])
+    ds = load_sev(_CONFIRM)
+    assert ds.num_rows == len(raw) == 24
+    assert Counter(list(ds["theme"])) == {t: 3 for t in SEV_THEMES}
+    hits = []
+    for row in ds:
+        ev = row["event"]
+        assert len({_norm(ev[v]) for v in SEV_VALENCES}) == 3, row["skeleton_id"]
+        assert re.search(r"\b(I|my|our|we)\b", row["scenario"], re.IGNORECASE), row["skeleton_id"]
+        for text in [row["scenario"], *ev.values()]:
+            if _BANNED_RE.findall(text):
+                hits.append((row["skeleton_id"], text))
+    assert not hits, hits[:5]
+    shipped = list(load_sev(split="analysis")) + list(load_sev(split="test"))
+    assert not {_norm(r["scenario"]) for r in ds} & {_norm(r["scenario"]) for r in shipped}
+    assert not set(ds["skeleton_id"]) & {r["skeleton_id"] for r in shipped}
 
 
 def test_sev_path_overrides_split(tmp_path):
