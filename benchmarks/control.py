@@ -22,6 +22,13 @@ Protocol (fixed before any run):
    ``judge_kappa`` is the best pair's Cohen's kappa on the test replies, ``judge_kappa_lo`` its 95 %
    bootstrap lower bound.
 
+``circuit_mix`` has no grid of its own: for each emotion it takes the payload family (P_emo's, the blend, the
+story payload: :data:`MIX_FAMILIES`) and scale whose calibration row is most accurate on that emotion's replies
+under that emotion's own card (retention: every calibration question asked under that emotion's intervention),
+by the same guarded rule (:func:`emolens.circuits.control.per_emotion_mix`). Its in-sample calibration accuracy is a
+maximum over candidates, so it is left out of the ``variant`` choice; the RESULT line adds ``mix_acc`` and
+``mix_passes`` (1 when its test card passes every guard).
+
 ``--test-skip N`` tests on the records after the first N (a second, unseen part of the test file);
 ``--methods`` runs a subset of the swept methods (prompting and the unsteered model always run).
 
@@ -58,7 +65,9 @@ PAPER_SYSTEM = "Keep the reply to at most two sentences."
 BLEND_WEIGHT = 0.5
 #: the generalising variants compared with the paper-faithful reference circuit (issue 10, item 3)
 VARIANTS = ("circuit_reply", "circuit_noname", "circuit_story", "circuit_story_reply", "story_steer", "circuit_blend",
-            "circuit_va")
+            "circuit_va", "circuit_mix")
+#: circuit_mix: each emotion's payload family and scale chosen on calibration among these rows (ties: this order)
+MIX_FAMILIES = ("circuit", "circuit_blend", "circuit_story")
 
 
 def log(*a):
@@ -145,7 +154,7 @@ def main(argv=None) -> int:
     from emolens.circuits.assembly import assemble_circuit
     from emolens.circuits.components import head_scores_from_stats, neuron_scores_from_stats
     from emolens.circuits.control import (MENTION_TEMPLATE, blend_payloads, generate_with, load_stories,
-                                          VA_COORDS, name_confound_removed, per_emotion_choice,
+                                          VA_COORDS, name_confound_removed, per_emotion_choice, per_emotion_mix,
                                           reply_modulation_interventions, story_directions, text_difference_vectors,
                                           valence_arousal_axes, valence_arousal_payload)
     from emolens.circuits.directions import collect_sev_stats, difference_vectors, emotion_directions
@@ -299,6 +308,10 @@ def main(argv=None) -> int:
               "circuit_story_reply": args.story_reply_scales,
               "story_steer": args.story_alphas, "circuit_blend": args.blend_scales, "circuit_va": args.va_scales}
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    mix = "circuit_mix" in wanted  # no grid of its own: per emotion, one of the MIX_FAMILIES rows
+    if mix and not set(MIX_FAMILIES) <= set(wanted):
+        raise SystemExit(f"--methods: circuit_mix chooses among the rows of {list(MIX_FAMILIES)}; list them too")
+    wanted = [m for m in wanted if m != "circuit_mix"]
     unknown = sorted(set(wanted) - set(sweeps))
     if unknown or not {"steering", "circuit"} <= set(wanted):
         raise SystemExit(f"--methods: unknown {unknown} (valid: {sorted(sweeps)}); steering and circuit are required")
@@ -310,7 +323,7 @@ def main(argv=None) -> int:
         return generate_with(model, prompts, ps.emotions, interventions_for=ivf, gen_kwargs=gen_kw,
                              batch_size=args.gen_batch)
 
-    def retention(ivf, qs, emo_system=False):
+    def retention(ivf, qs, emo_system=False, emotions=EMOS):
         def gen(questions, emos):
             if emo_system:
                 prompts = [[{"role": "system", "content": system_emo.format(emotion=e)},
@@ -320,7 +333,7 @@ def main(argv=None) -> int:
                            for q in questions]
             return generate_with(model, prompts, emos, interventions_for=ivf, gen_kwargs=qa_kw,
                                  batch_size=args.gen_batch)
-        return retention_accuracy(gen, list(EMOS), qs)
+        return retention_accuracy(gen, list(emotions), qs)  # question i under emotions[i % len(emotions)]
 
     def judged(ps, texts):
         df = ens.judge(texts, list(ps.emotions))
@@ -362,9 +375,9 @@ def main(argv=None) -> int:
     calib_table.append({"method": "none", "value": 0, "accuracy": base_df["majority"].mean(),
                         **card_table([side_effect_card("none", users_c, cal["base"]["texts"], list(cps.emotions),
                                                        ppl=base_ppl_c, ppl_base=base_ppl_c)]).iloc[0].to_dict()})
-    by_method = {}
+    by_method, cal_dfs = {}, {}
     for r in cal["rows"]:
-        df = judged(cps, r["texts"])
+        df = cal_dfs[(r["method"], float(r["value"]))] = judged(cps, r["texts"])
         card = side_effect_card(r["method"], users_c, r["texts"], list(cps.emotions), ppl=r["ppl"],
                                 ppl_base=base_ppl_c, retention=r["retention"], retention_base=cal["base"]["retention"])
         row = {"method": r["method"], "value": r["value"], "accuracy": float(df["majority"].mean()), "card": card}
@@ -385,6 +398,50 @@ def main(argv=None) -> int:
         chosen[m] = float(best["value"]) if best is not None else None
     per_scales = {m: per_emotion_choice(per_emotion_rows[m], guards, default=chosen.get(m) or sweeps[m][0])
                   for m in per_emotion_methods}
+    mix_choice = None
+    if mix:
+        # per-emotion cards of every MIX_FAMILIES row: that emotion's replies and their perplexity, and retention with
+        # all calibration questions asked under that emotion's intervention (cached: one entry per row and emotion)
+        er = ccache.get("emotion_retention") or {}
+        t0 = time.time()
+        idx_e = {e: [i for i, x in enumerate(cps.emotions) if x == e] for e in EMOS}
+        sub = lambda xs, e: [xs[i] for i in idx_e[e]]  # noqa: E731
+        for e in EMOS:
+            if f"base@{e}" not in er:
+                er[f"base@{e}"] = {"ppl": corpus_perplexity(model, sub(cps.prompts, e), sub(cal["base"]["texts"], e))}
+        mix_rows = {e: [] for e in EMOS}
+        for r in cal["rows"]:
+            m, v = r["method"], float(r["value"])
+            if m not in MIX_FAMILIES:
+                continue
+            for e in EMOS:
+                key = f"{m}@{v:g}@{e}"
+                if key not in er:
+                    er[key] = {"ppl": corpus_perplexity(model, sub(cps.prompts, e), sub(r["texts"], e)),
+                               "retention": retention(methods[m](v), qa_cal, emotions=[e])[0]}
+                    ccache.put("emotion_retention", er)
+                card = side_effect_card(m, sub(users_c, e), sub(r["texts"], e), [e] * len(idx_e[e]),
+                                        ppl=er[key]["ppl"], ppl_base=er[f"base@{e}"]["ppl"],
+                                        retention=er[key]["retention"], retention_base=cal["base"]["retention"])
+                mix_rows[e].append({"method": m, "value": v, "card": card,
+                                    "accuracy": float(cal_dfs[(m, v)]["majority"].iloc[idx_e[e]].mean())})
+        ccache.put("emotion_retention", er)
+        fam = {f: i for i, f in enumerate(MIX_FAMILIES)}
+        for e in EMOS:  # candidate order = family order (the tie-break after the scale)
+            mix_rows[e].sort(key=lambda x: fam[x["method"]])
+        mix_choice = per_emotion_mix(mix_rows, guards, ("circuit_blend", chosen.get("circuit_blend")
+                                                        or sweeps["circuit_blend"][0]))
+        pe_tab = pd.DataFrame([{"emotion": e, "method": x["method"], "value": x["value"],
+                                "accuracy": round(100 * x["accuracy"], 1),
+                                **{k: v for k, v in card_table([x["card"]], guards).iloc[0].to_dict().items()
+                                   if k in ("ppl_ratio", "restate_%", "names_emotion_%", "retention_drop_pts",
+                                            "fails")}} for e in EMOS for x in mix_rows[e]])
+        log(f"circuit_mix per-emotion cards ({time.time() - t0:.0f}s; retention: {len(qa_cal)} questions under "
+            "each emotion's intervention):\n" + pe_tab.to_string(index=False))
+        in_sample = np.mean([{(x["method"], x["value"]): x["accuracy"] for x in mix_rows[e]}.get(mix_choice[e], np.nan)
+                             for e in EMOS])
+        log("circuit_mix choice:", mix_choice, f"in-sample calibration accuracy {100 * in_sample:.1f}% (optimistic: "
+            "a maximum over candidates per emotion)")
     # the RESULT line's variant: the generalising variant with the highest calibration accuracy at a point that passes
     # every guard on calibration (chosen on analysis data, never on the test split); the per-emotion variant is left
     # out here because its calibration accuracy is per emotion. If no variant passes, the most accurate one (flagged).
@@ -398,7 +455,7 @@ def main(argv=None) -> int:
     ct = pd.DataFrame(calib_table)
     ct["accuracy"] = (100 * ct["accuracy"]).round(1)
     log("calibration (analysis split, majority vote):\n" + ct.to_string(index=False))
-    log("chosen:", chosen, "per-emotion scales:", per_scales)
+    log("chosen:", chosen, "per-emotion scales:", per_scales, "circuit_mix:", mix_choice)
     if args.calib_only:
         return 0
 
@@ -423,6 +480,9 @@ def main(argv=None) -> int:
             same = len(set(per_scales[m].values())) == 1 and next(iter(per_scales[m].values())) == strength(m)
             # every emotion at the pooled value: the same interventions, so the pooled row's replies are reused
             test_strength[f"{m}_per_emotion"] = strength(m) if same else json.dumps(per_scales[m], sort_keys=True)
+    if mix:  # each emotion at its own (family, scale)
+        test_methods["circuit_mix"] = (lambda e: methods[mix_choice[e][0]](mix_choice[e][1])(e), None)
+        test_strength["circuit_mix"] = json.dumps(mix_choice, sort_keys=True)
     stored = cache.get("test") or {}
     res = {}
     for name, (ivf, kind) in test_methods.items():
@@ -478,7 +538,7 @@ def main(argv=None) -> int:
     print("\n## Side-effect cards (test; perplexity under the unsteered model; retention on 50 questions)")
     print(card_table(cards, guards).to_string(index=False))
     print("\n## Operating points (chosen on the analysis split by the guarded rule)")
-    print(json.dumps({"chosen": chosen, "per_emotion_scales": per_scales}))
+    print(json.dumps({"chosen": chosen, "per_emotion_scales": per_scales, "circuit_mix": mix_choice}))
     print("\n## Example replies (first test scenario)")
     first = tps.items[0].user
     print("USER:", first.replace("\n", " / "))
@@ -505,7 +565,8 @@ def main(argv=None) -> int:
           f"restate_rate_circuit={c.restate_rate:.3f} name_rate_circuit={c.name_rate:.3f} "
           f"variant={best_v} variant_acc={acc[best_v]:.3f} ppl_ratio_variant={v.ppl_ratio:.2f} "
           f"restate_rate_variant={v.restate_rate:.3f} name_rate_variant={v.name_rate:.3f} "
-          f"retention_drop_variant={v.retention_drop:.3f} majority_on_labelled={judge_rows[-1]['acc']:.3f}")
+          f"retention_drop_variant={v.retention_drop:.3f} majority_on_labelled={judge_rows[-1]['acc']:.3f}"
+          + (f" mix_acc={acc['circuit_mix']:.3f} mix_passes={int(card_by['circuit_mix'].passes(guards))}" if mix else ""))
     return 0
 
 

@@ -235,6 +235,32 @@ def test_side_effect_card_and_selection_rule():
     assert Guards.from_dict(g.to_dict()) == g
 
 
+def test_per_emotion_mix_picks_family_and_scale_under_per_emotion_guards():
+    from emolens.circuits.control import per_emotion_choice, per_emotion_mix
+
+    ok = SideEffectCard("s", 12, 3.0, 1.0, 0.8, 0.1, 0.1, 0.40, 0.42)
+    lost = SideEffectCard("s", 12, 3.0, 1.0, 0.8, 0.1, 0.1, 0.20, 0.42)  # retention -22 points
+    rows = {
+        # the story payload is best for disgust and passes there ...
+        "disgust": [{"method": "circuit_blend", "value": 2.0, "accuracy": 0.25, "card": ok},
+                    {"method": "circuit_story", "value": 3.0, "accuracy": 0.83, "card": ok}],
+        # ... but fails retention for anger, so the blend is chosen although it is less accurate
+        "anger": [{"method": "circuit_blend", "value": 2.0, "accuracy": 0.67, "card": ok},
+                  {"method": "circuit_story", "value": 3.0, "accuracy": 0.90, "card": lost}],
+        # a tie in accuracy and value: the earlier row (family order) wins
+        "sadness": [{"method": "circuit_blend", "value": 2.0, "accuracy": 0.5, "card": ok},
+                    {"method": "circuit_story", "value": 2.0, "accuracy": 0.5, "card": ok}],
+        # nothing passes: the default
+        "fear": [{"method": "circuit_story", "value": 4.0, "accuracy": 0.1, "card": lost}],
+    }
+    got = per_emotion_mix(rows, Guards(), ("circuit_blend", 1.75))
+    assert got == {"disgust": ("circuit_story", 3.0), "anger": ("circuit_blend", 2.0),
+                   "sadness": ("circuit_blend", 2.0), "fear": ("circuit_blend", 1.75)}
+    # per_emotion_choice is the one-family case of the same rule
+    one = {e: [{k: v for k, v in r.items() if k != "method"} for r in rs] for e, rs in rows.items()}
+    assert per_emotion_choice(one, Guards(), 1.5) == {"disgust": 3.0, "anger": 2.0, "sadness": 2.0, "fear": 1.5}
+
+
 # ----------------------------------------------------------------------------- circuit attention viz
 def test_circuit_attention_section_patterns_match_bridge_cache(tiny_llama):
     import torch

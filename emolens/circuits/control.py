@@ -25,7 +25,8 @@
   vector is fitted, by least squares over the emotions, as ``b + v_e V + a_e A`` from the emotions'
   valence-arousal coordinates (:data:`VA_COORDS`), and any point ``(v, a)`` of that plane becomes a
   payload ``b + v V + a A`` (for the six emotions: the payload restricted to two dimensions).
-* :func:`per_emotion_choice` - per-emotion strengths from a calibration sweep with the same guarded rule.
+* :func:`per_emotion_choice` - per-emotion strengths from a calibration sweep with the same guarded rule;
+  :func:`per_emotion_mix` - the same rule choosing each emotion's payload family *and* strength.
 
 All interventions are plain :class:`~emolens.interventions.Add` specs run by the one hook engine.
 """
@@ -306,13 +307,34 @@ def per_emotion_choice(per_emotion_rows: Mapping[str, Sequence[Mapping]], guards
     ``per_emotion_rows[e]`` holds that emotion's sweep rows (``value``, ``accuracy``, ``card``
     computed on that emotion's calibration replies); an emotion with no passing row gets ``default``.
     """
+    rows = {e: [{**r, "method": None} for r in rs] for e, rs in per_emotion_rows.items()}
+    return {e: v for e, (_, v) in per_emotion_mix(rows, guards, (None, default)).items()}
+
+
+def per_emotion_mix(per_emotion_rows: Mapping[str, Sequence[Mapping]], guards,
+                    default: tuple[str | None, float]) -> dict[str, tuple[str | None, float]]:
+    """Per-emotion payload family *and* strength with the guarded rule of
+    :func:`~emolens.evaluate.side_effects.select_operating_point`.
+
+    ``per_emotion_rows[e]`` holds that emotion's candidate rows, each with ``method`` (the payload
+    family, e.g. ``"circuit_blend"``), ``value`` (its scale), ``accuracy`` and ``card`` measured on
+    that emotion's calibration replies (and, for retention, questions asked under that emotion's
+    intervention). Ties go to the smaller value, then to the earlier row (so list the families in
+    order of preference). An emotion with no passing row gets ``default`` (``(method, value)``).
+
+    Returns:
+        ``{emotion: (method, value)}``.
+    """
     from ..evaluate.side_effects import select_operating_point
 
     out = {}
     for e, rows in per_emotion_rows.items():
-        best = select_operating_point(rows, guards)
-        out[e] = float(best["value"]) if best is not None else float(default)
+        best = select_operating_point(rows, guards)  # a stable sort: equal (accuracy, value) keep row order
+        out[e] = (best["method"], float(best["value"])) if best is not None else (default[0], float(default[1]))
     return out
+
+
+__all__ += ["per_emotion_mix"]
 
 
 def generate_with(model, prompts: Sequence, emotions: Sequence[str | None], *, interventions_for=None,
