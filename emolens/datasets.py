@@ -1,6 +1,6 @@
 """Shipped datasets and their loaders.
 
-emolens ships five small, hand-written JSONL files under ``emolens/data/``. Each loader
+emolens ships small, hand-written JSONL files under ``emolens/data/``. Each loader
 below reads one of them (or any file in the same format that you pass as ``path``),
 checks every record against its schema, and returns a Hugging Face
 :class:`datasets.Dataset` with one row per record, in file order.
