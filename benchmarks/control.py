@@ -115,10 +115,12 @@ def main(argv=None) -> int:
     ap.add_argument("--valence", default="neutral")
     ap.add_argument("--stats-records", type=int, default=12)
     ap.add_argument("--influence-samples", type=int, default=8)
-    ap.add_argument("--calib-records", type=int, default=6)
-    ap.add_argument("--calib-retention", type=int, default=25,
-                    help="retention questions used in calibration (every other one of the 50; one question is "
-                         "4 points)")
+    ap.add_argument("--calib-records", type=int, default=12,
+                    help="analysis records for calibration (neutral valence: 12 records = 72 replies per value, 12 "
+                         "per emotion for circuit_mix's per-emotion cards)")
+    ap.add_argument("--calib-retention", type=int, default=50,
+                    help="retention questions used in calibration (spread over the 50; at 50 one question is 2 "
+                         "points)")
     ap.add_argument("--calib-only", action="store_true", help="stop after the calibration table (analysis data only)")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--budget", type=float, default=10.0, help="circuit budget per sublayer (paper: 10)")
@@ -344,7 +346,7 @@ def main(argv=None) -> int:
     cps = neu_prompts(calib_items, EMOS, system)
     users_c = [it.user for it in cps.items]
     step = max(1, len(qa) // max(1, args.calib_retention))
-    qa_cal = qa[::step][:args.calib_retention]  # spread over the 50 questions (default 25: qa[::2])
+    qa_cal = qa[::step][:args.calib_retention]  # spread over the 50 questions (25: qa[::2])
     cal = ccache.get("calibration") or {}
     t0 = time.time()
     if "base" not in cal:
