@@ -196,12 +196,13 @@ def main(argv=None) -> int:
                                                     "gen_kw": gen_kw, "blend_weight": BLEND_WEIGHT, "v": 2})
     log("cache", cache.dir, "analysis cache", acache.dir, "calibration cache", ccache.dir)
 
-    model = emolens.load_model(args.model)
-    L = model.n_layers
     analysis_recs = list(load_sev(args.analysis) if args.analysis else load_sev(split="analysis"))
     test_recs = list(load_sev(args.test) if args.test else load_sev(split="test"))
     rr = round_robin(analysis_recs, len(analysis_recs))
     stats_items = sev_items(rr[:args.stats_records])
+    if len(rr) < args.stats_records + args.calib_records:
+        raise SystemExit(f"--stats-records {args.stats_records} --calib-records {args.calib_records}: the analysis "
+                         f"file has only {len(analysis_recs)} records; pass smaller values or a larger --analysis file")
     calib_items = sev_items(rr[args.stats_records:args.stats_records + args.calib_records], [args.valence])
     test_rr = round_robin(test_recs, args.test_skip + args.test_records)[args.test_skip:]
     if len(test_rr) < args.test_records:
@@ -210,6 +211,9 @@ def main(argv=None) -> int:
     test_items = sev_items(test_rr, [args.valence])
     test_keys = {(it.scenario, it.event) for it in test_items}
     assert not test_keys & {(it.scenario, it.event) for it in stats_items + calib_items}, "test overlaps analysis"
+
+    model = emolens.load_model(args.model)  # after the data checks, so bad input fails in seconds
+    L = model.n_layers
 
     # ---------------------------------------------------------------- judges
     judges = {"nrc": NRCJudge(), "nade": NADEJudge(), "probe": ProbeJudge()}
