@@ -118,6 +118,10 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-records", type=int, default=12,
                     help="analysis records for calibration (neutral valence: 12 records = 72 replies per value, 12 "
                          "per emotion for circuit_mix's per-emotion cards)")
+    ap.add_argument("--calib-start", type=int, default=None,
+                    help="first analysis record (round-robin order) of the calibration block (default: "
+                         "--stats-records); the statistics use the first --stats-records records outside the block, "
+                         "so a larger --stats-records with --calib-start 12 keeps the default calibration records")
     ap.add_argument("--calib-retention", type=int, default=50,
                     help="retention questions used in calibration (spread over the 50; at 50 one question is 2 "
                          "points)")
@@ -184,11 +188,14 @@ def main(argv=None) -> int:
            if k not in ("out", "judge_url", "judge_model", "calib_only", "methods") + sweep_args}
     if not cfg["test_skip"]:
         cfg.pop("test_skip")  # keeps the cache keys of runs made before the option existed
+    if cfg["calib_start"] is None:
+        cfg.pop("calib_start")  # likewise
     cfg.update(system_used=system, gen_kw=gen_kw, guards=guards.to_dict(), blend_weight=BLEND_WEIGHT, v=3)
     cache = Cache(Path(args.out), cfg)
     # the analysis step depends only on these: reruns with other sweeps or test files reuse it
     akeys = ("analysis", "model", "stats_records", "influence_samples", "valence", "budget", "min_neurons",
              "min_heads")
+    akeys += ("calib_start",) if "calib_start" in cfg else ()  # it moves the statistics records too
     acache = Cache(Path(args.out) / "analysis", {**{k: cfg[k] for k in akeys}, "system_used": system, "v": 2})
     # calibration rows are keyed by (method, value) inside: a changed sweep grid reuses the rows it shares
     ckeys = akeys + ("calib_records", "calib_retention", "max_new_tokens", "gen_batch")
@@ -199,11 +206,15 @@ def main(argv=None) -> int:
     analysis_recs = list(load_sev(args.analysis) if args.analysis else load_sev(split="analysis"))
     test_recs = list(load_sev(args.test) if args.test else load_sev(split="test"))
     rr = round_robin(analysis_recs, len(analysis_recs))
-    stats_items = sev_items(rr[:args.stats_records])
-    if len(rr) < args.stats_records + args.calib_records:
-        raise SystemExit(f"--stats-records {args.stats_records} --calib-records {args.calib_records}: the analysis "
-                         f"file has only {len(analysis_recs)} records; pass smaller values or a larger --analysis file")
-    calib_items = sev_items(rr[args.stats_records:args.stats_records + args.calib_records], [args.valence])
+    cs = args.stats_records if args.calib_start is None else args.calib_start
+    calib_rr = rr[cs:cs + args.calib_records]
+    stats_rr = (rr[:cs] + rr[cs + args.calib_records:])[:args.stats_records]
+    if cs < 0 or len(calib_rr) < args.calib_records or len(stats_rr) < args.stats_records:
+        raise SystemExit(f"--stats-records {args.stats_records} --calib-records {args.calib_records} --calib-start "
+                         f"{cs}: the analysis file has only {len(analysis_recs)} records; pass smaller values or a "
+                         "larger --analysis file")
+    stats_items = sev_items(stats_rr)
+    calib_items = sev_items(calib_rr, [args.valence])
     test_rr = round_robin(test_recs, args.test_skip + args.test_records)[args.test_skip:]
     if len(test_rr) < args.test_records:
         raise SystemExit(f"--test-skip {args.test_skip} --test-records {args.test_records}: the test file has only "
