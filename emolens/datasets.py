@@ -66,6 +66,9 @@ dataset (paper 2, section 2.2), written from scratch for emolens::
   split written after the control protocol of ``benchmarks/control.py`` was fixed and never used
   for tuning; it shares no 6-word sequence with the other SEV, story or judge files. Load it with
   ``load_sev(path)``; it is not a ``split``.
+* ``sev_confirm2.jsonl`` (24 records, 3 per theme, ids ``<theme>-dNN``): a second confirmation
+  test file, written the same way before any run on it; it also shares no 6-word sequence with
+  ``sev_confirm.jsonl``.
 * ``skeleton_id`` must be unique within a file (a string; integers are converted).
   :func:`load_sev` also reads the original SEV files (``sev.jsonl``, ``test_set.jsonl``).
 

@@ -143,7 +143,7 @@ def test_judge_data_and_retention_disjoint_from_generation_prompts():
     # no judge or retention text shares a 6-word sequence with any SEV scenario or event (all three splits);
     # shorter common phrases ("in the middle of the") do occur and are not copying
     sev = set()
-    for split in ("sev_analysis", "sev_test", "sev_confirm"):
+    for split in ("sev_analysis", "sev_test", "sev_confirm", "sev_confirm2"):
         for line in (DATA_DIR / f"{split}.jsonl").read_text().splitlines():
             r = json.loads(line)
             sev |= _ngrams(r["scenario"])
@@ -161,22 +161,24 @@ def _sev_texts(rec):
     return [rec["scenario"], *rec["event"].values()]
 
 
-def test_confirm_split_is_new_text():
-    # sev_confirm.jsonl: the confirmation test file (benchmarks/control.py --test), written after the protocol
-    # was fixed; it must load, be balanced, and share no 6-word sequence with any other shipped SEV, story or
-    # judge text (so a hit on it cannot come from tuning on, or copying from, those files)
+@pytest.mark.parametrize("name,tag,earlier", [("sev_confirm", "c", ()), ("sev_confirm2", "d", ("sev_confirm",))])
+def test_confirm_split_is_new_text(name, tag, earlier):
+    # sev_confirm*.jsonl: confirmation test files (benchmarks/control.py --test), each written after its protocol
+    # was fixed; each must load, be balanced, and share no 6-word sequence with any other shipped SEV, story or
+    # judge text, nor with the confirmation files written before it (so a hit on it cannot come from tuning on,
+    # or copying from, those files)
     from collections import Counter
 
     from emolens.datasets import load_sev
-    path = DATA_DIR / "sev_confirm.jsonl"
+    path = DATA_DIR / f"{name}.jsonl"
     ds = load_sev(path)
     assert ds.num_rows == 24
     assert Counter(ds["theme"]) == {t: 3 for t in ("work", "family", "health", "travel", "school", "friendship",
                                                     "money", "home")}
     ids = list(ds["skeleton_id"])
-    assert len(set(ids)) == 24 and all(i == f"{t}-c{i[-2:]}" for i, t in zip(ids, ds["theme"]))
+    assert len(set(ids)) == 24 and all(i == f"{t}-{tag}{i[-2:]}" for i, t in zip(ids, ds["theme"]))
     other = set()
-    for name in ("sev_analysis", "sev_test"):
+    for name in ("sev_analysis", "sev_test", *earlier):
         for line in (DATA_DIR / f"{name}.jsonl").read_text().splitlines():
             for t in _sev_texts(json.loads(line)):
                 other |= _ngrams(t)

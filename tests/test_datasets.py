@@ -46,6 +46,7 @@ _BANNED_RE = re.compile(r"\b(" + "|".join(SEV_BANNED_WORDS) + r")\b", re.IGNOREC
 
 # The confirmation test file (benchmarks/control.py --test): not a load_sev split, loaded by path.
 _CONFIRM = resources.files("emolens").joinpath("data", "sev_confirm.jsonl")
+_CONFIRM2 = resources.files("emolens").joinpath("data", "sev_confirm2.jsonl")
 
 
 def _raw(name: str) -> list[dict]:
@@ -178,6 +179,7 @@ def test_openers_counts_schema_and_no_overlap():
     diag = load_diagnostic_tasks()
     pairs = load_contrastive_pairs()
     sev = list(load_sev(split="analysis")) + list(load_sev(split="test")) + list(load_sev(_CONFIRM))
+    sev += list(load_sev(_CONFIRM2))
     used = set(map(_norm, list(diag["prompt"]) + list(diag["aligned"]) + list(diag["misaligned"])))
     used |= set(map(_norm, list(pairs["positive"]) + list(pairs["negative"])))
     used |= {_norm(r["scenario"]) for r in sev}
@@ -231,13 +233,14 @@ def test_sev_has_no_explicit_emotion_words(split):
     assert not hits, hits[:5]
 
 
-def test_sev_confirm_schema_words_and_disjoint():
-    raw = _raw("sev_confirm.jsonl")
+@pytest.mark.parametrize("name,tag", [("sev_confirm.jsonl", "c"), ("sev_confirm2.jsonl", "d")])
+def test_sev_confirm_schema_words_and_disjoint(name, tag):
+    raw = _raw(name)
     for rec in raw:
         assert set(rec) == {"theme", "scenario", "event", "skeleton_id"}
         assert set(rec["event"]) == set(SEV_VALENCES)
-        assert re.fullmatch(rf"{rec['theme']}-c\d{{2}}", rec["skeleton_id"])
-    ds = load_sev(_CONFIRM)
+        assert re.fullmatch(rf"{rec['theme']}-{tag}\d{{2}}", rec["skeleton_id"])
+    ds = load_sev(resources.files("emolens").joinpath("data", name))
     assert ds.num_rows == len(raw) == 24
     assert Counter(list(ds["theme"])) == {t: 3 for t in SEV_THEMES}
     hits = []
@@ -250,6 +253,7 @@ def test_sev_confirm_schema_words_and_disjoint():
                 hits.append((row["skeleton_id"], text))
     assert not hits, hits[:5]
     shipped = list(load_sev(split="analysis")) + list(load_sev(split="test"))
+    shipped += list(load_sev(_CONFIRM)) if name != "sev_confirm.jsonl" else []
     assert not {_norm(r["scenario"]) for r in ds} & {_norm(r["scenario"]) for r in shipped}
     assert not set(ds["skeleton_id"]) & {r["skeleton_id"] for r in shipped}
 

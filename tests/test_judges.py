@@ -473,3 +473,23 @@ def test_openai_judge_round_trip_with_embedded_model(server):
             assert (v.match, v.label) == (False, "malformed")
         else:
             assert v.match is match and v.label == (target if match else "no_match")
+
+
+def test_nade_models_unpack_atomically_and_repair_truncated(tmp_path):
+    # NADE unpacks reg_*.txt.gz in place on first use; two processes starting together read half-written files
+    # ("Unknown model format"). emolens unpacks first, via temp file + rename, and rewrites truncated leftovers.
+    import gzip
+
+    from emolens.evaluate.judges import _unpack_gz_models
+
+    body = {"a": b"tree=0\n" * 5000, "b": b"tree=1\n" * 7000}
+    for k, v in body.items():
+        with gzip.open(tmp_path / f"reg_{k}.txt.gz", "wb") as f:
+            f.write(v)
+    (tmp_path / "reg_b.txt").write_bytes(body["b"][:100])  # an interrupted earlier unpack
+    written = _unpack_gz_models(tmp_path)
+    assert sorted(p.name for p in written) == ["reg_a.txt", "reg_b.txt"]
+    for k, v in body.items():
+        assert (tmp_path / f"reg_{k}.txt").read_bytes() == v
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+    assert _unpack_gz_models(tmp_path) == []  # complete files are kept

@@ -469,6 +469,41 @@ class ProbeJudge(Judge):
 _NADE = {}
 
 
+def _unpack_gz_models(folder: str | Path) -> list[Path]:
+    """Decompress every ``*.txt.gz`` in ``folder`` whose ``.txt`` is missing or truncated; return those written.
+
+    NADE unpacks its LightGBM models on first use by writing them in place, so a second process that starts
+    at the same moment (two benchmarks, Ray workers) reads a half-written file and fails with "Unknown model
+    format". Here each file goes to a unique temporary name, is fsynced and renamed, so a reader sees either
+    no file or the whole one. A ``.txt`` whose size differs from the gzip trailer's (size mod 2**32) is
+    treated as truncated (an interrupted earlier unpack) and rewritten.
+    """
+    import gzip
+    import shutil
+    import tempfile
+
+    written = []
+    for gz in sorted(Path(folder).glob("*.txt.gz")):
+        out = gz.with_suffix("")  # reg_anger.txt.gz -> reg_anger.txt
+        with open(gz, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            size = int.from_bytes(f.read(4), "little")
+        if out.is_file() and out.stat().st_size % 2**32 == size:
+            continue
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f_out, gzip.open(gz, "rb") as f_in:
+                shutil.copyfileobj(f_in, f_out)
+                f_out.flush()
+                os.fsync(f_out.fileno())
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        written.append(out)
+    return written
+
+
 def _nade():
     if "model" not in _NADE:
         try:
@@ -482,6 +517,10 @@ def _nade():
         with _w.catch_warnings():
             _w.simplefilter("ignore")  # "unpack {emotion} model" on the first use
             try:
+                import nade as _nade_pkg
+
+                for folder in {p.parent for p in Path(_nade_pkg.__file__).parent.glob("data/**/*.txt.gz")}:
+                    _unpack_gz_models(folder)  # atomically, before Nade() would unpack in place
                 _NADE["model"] = Nade()
             except OSError as e:
                 raise MissingDependencyError(
