@@ -76,6 +76,20 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temporary files :func:`atomic_path` leaves when its process is killed mid-write.
+
+    They are named ``.<target>.<random>.tmp`` next to their target; a killed writer never renamed them, so
+    they are never outputs. Call it only on a folder no other process is writing to (a run being resumed).
+    """
+    gone = []
+    for p in sorted(Path(folder).rglob(".*.tmp")):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
 def publish(src: str | Path, target: str | Path) -> Path:
     """Move a finished file ``src`` over ``target`` atomically (fsync the file, rename, fsync the folder).
 

@@ -136,6 +136,24 @@ def test_engine_crash_inside_a_step_leaves_no_marker_and_no_partial_output(tmp_p
     assert calls == ["b", "c"] and not (tmp_path / ".staging").exists() and ctx.load("c_out") == [30.0]
 
 
+def test_resume_removes_temp_files_of_a_writer_killed_mid_write(tmp_path):
+    # io.atomic_path writes .<name>.<random>.tmp and renames it; a SIGKILL between the two leaves the temp file
+    # (seen once in the kill -9 test below, at the run folder's run.json). A resume deletes them, keeps outputs.
+    from emolens.pipelines.engine import RunFolder
+
+    _run(tmp_path)
+    stale = [tmp_path / ".b_out.parquet.k1l2.tmp", tmp_path / "extra" / ".c.txt.x9y8.tmp"]
+    for p in stale:
+        p.write_bytes(b"half")
+    assert _run(tmp_path)[1] == []  # nothing recomputes: the outputs are whole
+    assert not any(p.exists() for p in stale) and (tmp_path / "extra" / "c.txt").read_text() == "24.0"
+    run = RunFolder.open(tmp_path, "r1", {"model": "toy"})
+    left = run.path / ".run.json.s8aw61x.tmp"
+    left.write_text('{"status": "runn')
+    RunFolder.open(tmp_path, None, {"model": "toy"}, resume=run.path)
+    assert not left.exists() and json.loads((run.path / "run.json").read_text())["status"] == "running"
+
+
 def test_engine_refuses_undeclared_inputs_and_bad_graphs(tmp_path):
     def sneaky(ctx):
         return {"s": ctx.load("a_out")}

@@ -616,8 +616,9 @@ def run_steps(steps: Sequence[Step], model, config: PipelineConfig, root: str | 
     cfg_dict = config.to_dict()
     mfp = model_fingerprint(model)
     ctx = Context(model, config, root, by_name, progress, dict(extras or {}))
-    # a leftover staging folder is a crash's half-written work: never read, removed now
+    # a leftover staging folder or temp file is a crash's half-written work: never read, removed now
     shutil.rmtree(root / ".staging", ignore_errors=True)
+    io.remove_stale_temps(root)
     recomputed = []
     for s in steps:
         parts = _parts(s, cfg_dict, mfp, root)
@@ -749,6 +750,7 @@ class RunFolder:
                                  "it under the new settings (steps whose inputs changed recompute).")
             state["identity"] = new
             state["status"] = "running"
+            io.remove_stale_temps(path)  # e.g. .run.json.<random>.tmp of a process killed while saving
             rf = cls(path, state)
         else:
             path = report.new_run_dir(out, name, overwrite=overwrite)
