@@ -474,13 +474,14 @@ def _unpack_gz_models(folder: str | Path) -> list[Path]:
 
     NADE unpacks its LightGBM models on first use by writing them in place, so a second process that starts
     at the same moment (two benchmarks, Ray workers) reads a half-written file and fails with "Unknown model
-    format". Here each file goes to a unique temporary name, is fsynced and renamed, so a reader sees either
-    no file or the whole one. A ``.txt`` whose size differs from the gzip trailer's (size mod 2**32) is
-    treated as truncated (an interrupted earlier unpack) and rewritten.
+    format". Here each file is written through :func:`emolens.io.atomic_path` (temp file, fsync, rename), so a
+    reader sees either no file or the whole one. A ``.txt`` whose size differs from the gzip trailer's (size
+    mod 2**32) is treated as truncated (an interrupted earlier unpack) and rewritten.
     """
     import gzip
     import shutil
-    import tempfile
+
+    from emolens.io import atomic_path
 
     written = []
     for gz in sorted(Path(folder).glob("*.txt.gz")):
@@ -490,16 +491,8 @@ def _unpack_gz_models(folder: str | Path) -> list[Path]:
             size = int.from_bytes(f.read(4), "little")
         if out.is_file() and out.stat().st_size % 2**32 == size:
             continue
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f_out, gzip.open(gz, "rb") as f_in:
-                shutil.copyfileobj(f_in, f_out)
-                f_out.flush()
-                os.fsync(f_out.fileno())
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(out) as tmp, gzip.open(gz, "rb") as f_in, open(tmp, "wb") as f_out:
+            shutil.copyfileobj(f_in, f_out)
         written.append(out)
     return written
 
