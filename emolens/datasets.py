@@ -69,6 +69,8 @@ dataset (paper 2, section 2.2), written from scratch for emolens::
 * ``sev_confirm2.jsonl`` (24 records, 3 per theme, ids ``<theme>-dNN``): a second confirmation
   test file, written the same way before any run on it; it also shares no 6-word sequence with
   ``sev_confirm.jsonl``.
+* ``sev_confirm3.jsonl`` (24 records, 3 per theme, ids ``<theme>-eNN``): a third one, written
+  the same way; it shares no 6-word sequence with either earlier confirmation file.
 * ``skeleton_id`` must be unique within a file (a string; integers are converted).
   :func:`load_sev` also reads the original SEV files (``sev.jsonl``, ``test_set.jsonl``).
 

@@ -44,9 +44,9 @@ hopeful hopeless grateful thankful love loved loving hate hated
 _BANNED_RE = re.compile(r"\b(" + "|".join(SEV_BANNED_WORDS) + r")\b", re.IGNORECASE)
 
 
-# The confirmation test file (benchmarks/control.py --test): not a load_sev split, loaded by path.
-_CONFIRM = resources.files("emolens").joinpath("data", "sev_confirm.jsonl")
-_CONFIRM2 = resources.files("emolens").joinpath("data", "sev_confirm2.jsonl")
+# The confirmation test files (benchmarks/control.py --test): not load_sev splits, loaded by path.
+_CONFIRMS = {n: resources.files("emolens").joinpath("data", n)
+             for n in ("sev_confirm.jsonl", "sev_confirm2.jsonl", "sev_confirm3.jsonl")}
 
 
 def _raw(name: str) -> list[dict]:
@@ -178,8 +178,8 @@ def test_openers_counts_schema_and_no_overlap():
     assert len(set(openers)) == len(openers), "an opener is repeated"
     diag = load_diagnostic_tasks()
     pairs = load_contrastive_pairs()
-    sev = list(load_sev(split="analysis")) + list(load_sev(split="test")) + list(load_sev(_CONFIRM))
-    sev += list(load_sev(_CONFIRM2))
+    sev = list(load_sev(split="analysis")) + list(load_sev(split="test"))
+    sev += [r for p in _CONFIRMS.values() for r in load_sev(p)]
     used = set(map(_norm, list(diag["prompt"]) + list(diag["aligned"]) + list(diag["misaligned"])))
     used |= set(map(_norm, list(pairs["positive"]) + list(pairs["negative"])))
     used |= {_norm(r["scenario"]) for r in sev}
@@ -233,7 +233,7 @@ def test_sev_has_no_explicit_emotion_words(split):
     assert not hits, hits[:5]
 
 
-@pytest.mark.parametrize("name,tag", [("sev_confirm.jsonl", "c"), ("sev_confirm2.jsonl", "d")])
+@pytest.mark.parametrize("name,tag", list(zip(_CONFIRMS, "cde")))
 def test_sev_confirm_schema_words_and_disjoint(name, tag):
     raw = _raw(name)
     for rec in raw:
@@ -253,7 +253,7 @@ def test_sev_confirm_schema_words_and_disjoint(name, tag):
                 hits.append((row["skeleton_id"], text))
     assert not hits, hits[:5]
     shipped = list(load_sev(split="analysis")) + list(load_sev(split="test"))
-    shipped += list(load_sev(_CONFIRM)) if name != "sev_confirm.jsonl" else []
+    shipped += [r for n, p in _CONFIRMS.items() if n != name for r in load_sev(p)]  # every other confirmation file
     assert not {_norm(r["scenario"]) for r in ds} & {_norm(r["scenario"]) for r in shipped}
     assert not set(ds["skeleton_id"]) & {r["skeleton_id"] for r in shipped}
 
