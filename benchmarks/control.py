@@ -22,8 +22,9 @@ Protocol (fixed before any run):
    ``judge_kappa`` is the best pair's Cohen's kappa on the test replies, ``judge_kappa_lo`` its 95 %
    bootstrap lower bound.
 
-``circuit_mix`` has no grid of its own: for each emotion it takes the payload family (P_emo's, the blend, the
-story payload: :data:`MIX_FAMILIES`) and scale whose calibration row is most accurate on that emotion's replies
+``circuit_mix`` has no grid of its own: for each emotion it takes the payload family (``--mix-families``, default
+:data:`MIX_FAMILIES`: P_emo's payload, the blend, the story payload, and the story payload at the reply positions) and
+scale whose calibration row is most accurate on that emotion's replies
 under that emotion's own card (retention: every calibration question asked under that emotion's intervention),
 by the same guarded rule (:func:`emolens.circuits.control.per_emotion_mix`). Its in-sample calibration accuracy is a
 maximum over candidates, so it is left out of the ``variant`` choice; the RESULT line adds ``mix_acc`` and
@@ -66,8 +67,30 @@ BLEND_WEIGHT = 0.5
 #: the generalising variants compared with the paper-faithful reference circuit (issue 10, item 3)
 VARIANTS = ("circuit_reply", "circuit_noname", "circuit_story", "circuit_story_reply", "story_steer", "circuit_blend",
             "circuit_va", "circuit_mix")
-#: circuit_mix: each emotion's payload family and scale chosen on calibration among these rows (ties: this order)
-MIX_FAMILIES = ("circuit", "circuit_blend", "circuit_story")
+#: circuit_mix: each emotion's payload family and scale chosen on calibration among these rows (ties: this order).
+#: circuit_story_reply joined on 2026-12-04 (calibration fear replies only: 4/12 judged fear at scale 4 against at most
+#: 1/12 for every other family; before, ``--mix-families circuit,circuit_blend,circuit_story``)
+MIX_FAMILIES = ("circuit", "circuit_blend", "circuit_story", "circuit_story_reply")
+
+
+#: the methods with a strength sweep (``--methods``); circuit_mix has none of its own
+SWEPT = ("steering", "circuit") + tuple(v for v in VARIANTS if v != "circuit_mix")
+
+
+def check_methods(methods: str, mix_families: str) -> tuple[list[str], bool, tuple[str, ...]]:
+    """``(swept methods, circuit_mix asked for, its families)`` from the two comma lists; SystemExit naming the fix."""
+    wanted = [m.strip() for m in methods.split(",") if m.strip()]
+    mix = "circuit_mix" in wanted  # no grid of its own: per emotion, one of the mix_families rows
+    fams = tuple(m.strip() for m in mix_families.split(",") if m.strip())
+    wanted = [m for m in wanted if m != "circuit_mix"]
+    unknown = sorted(set(wanted) - set(SWEPT))
+    if unknown or not {"steering", "circuit"} <= set(wanted):
+        raise SystemExit(f"--methods: unknown {unknown} (valid: {sorted(SWEPT)} and circuit_mix); steering and "
+                         "circuit are required")
+    if mix and (not fams or not set(fams) <= set(wanted)):
+        raise SystemExit(f"--mix-families {mix_families}: circuit_mix chooses among rows of --methods; list them "
+                         f"there too (default families: {','.join(MIX_FAMILIES)})")
+    return wanted, mix, fams
 
 
 def log(*a):
@@ -143,6 +166,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(("steering", "circuit") + VARIANTS),
                     help="swept methods to calibrate and test (prompting and the unsteered model always run; "
                          "steering and circuit are required)")
+    ap.add_argument("--mix-families", default=",".join(MIX_FAMILIES),
+                    help="rows circuit_mix chooses among, per emotion (ties: this order); each must be in --methods")
     ap.add_argument("--va-scales", default="2,3,4",
                     help="circuit_va scales (the blend payload restricted to its valence-arousal plane)")
     ap.add_argument("--system", default=CHAT_SYSTEM)
@@ -155,6 +180,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("EMOLENS_BENCH_OUT", "/tmp/emolens-bench-control"))
     args = ap.parse_args(argv)
     t_all = time.time()
+    wanted, mix, mix_families = check_methods(args.methods, args.mix_families)  # bad lists fail in seconds
 
     import emolens
     from emolens.circuits.assembly import assemble_circuit
@@ -185,7 +211,7 @@ def main(argv=None) -> int:
     sweep_args = ("steer_alphas", "circuit_scales", "reply_scales", "noname_scales", "story_circuit_scales",
                   "story_reply_scales", "story_alphas", "blend_scales", "va_scales")
     cfg = {k: v for k, v in vars(args).items()
-           if k not in ("out", "judge_url", "judge_model", "calib_only", "methods") + sweep_args}
+           if k not in ("out", "judge_url", "judge_model", "calib_only", "methods", "mix_families") + sweep_args}
     if not cfg["test_skip"]:
         cfg.pop("test_skip")  # keeps the cache keys of runs made before the option existed
     if cfg["calib_start"] is None:
@@ -324,14 +350,7 @@ def main(argv=None) -> int:
               "circuit_noname": args.noname_scales, "circuit_story": args.story_circuit_scales,
               "circuit_story_reply": args.story_reply_scales,
               "story_steer": args.story_alphas, "circuit_blend": args.blend_scales, "circuit_va": args.va_scales}
-    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-    mix = "circuit_mix" in wanted  # no grid of its own: per emotion, one of the MIX_FAMILIES rows
-    if mix and not set(MIX_FAMILIES) <= set(wanted):
-        raise SystemExit(f"--methods: circuit_mix chooses among the rows of {list(MIX_FAMILIES)}; list them too")
-    wanted = [m for m in wanted if m != "circuit_mix"]
-    unknown = sorted(set(wanted) - set(sweeps))
-    if unknown or not {"steering", "circuit"} <= set(wanted):
-        raise SystemExit(f"--methods: unknown {unknown} (valid: {sorted(sweeps)}); steering and circuit are required")
+    assert set(sweeps) == set(SWEPT)
     sweeps = {k: [float(x) for x in v.split(",")] for k, v in sweeps.items() if k in wanted}
     qa = load_retention_qa()
 
@@ -417,7 +436,7 @@ def main(argv=None) -> int:
                   for m in per_emotion_methods}
     mix_choice = None
     if mix:
-        # per-emotion cards of every MIX_FAMILIES row: that emotion's replies and their perplexity, and retention with
+        # per-emotion cards of every mix_families row: that emotion's replies and their perplexity, and retention with
         # all calibration questions asked under that emotion's intervention (cached: one entry per row and emotion)
         er = ccache.get("emotion_retention") or {}
         t0 = time.time()
@@ -429,7 +448,7 @@ def main(argv=None) -> int:
         mix_rows = {e: [] for e in EMOS}
         for r in cal["rows"]:
             m, v = r["method"], float(r["value"])
-            if m not in MIX_FAMILIES:
+            if m not in mix_families:
                 continue
             for e in EMOS:
                 key = f"{m}@{v:g}@{e}"
@@ -443,11 +462,11 @@ def main(argv=None) -> int:
                 mix_rows[e].append({"method": m, "value": v, "card": card,
                                     "accuracy": float(cal_dfs[(m, v)]["majority"].iloc[idx_e[e]].mean())})
         ccache.put("emotion_retention", er)
-        fam = {f: i for i, f in enumerate(MIX_FAMILIES)}
+        fam = {f: i for i, f in enumerate(mix_families)}
         for e in EMOS:  # candidate order = family order (the tie-break after the scale)
             mix_rows[e].sort(key=lambda x: fam[x["method"]])
-        mix_choice = per_emotion_mix(mix_rows, guards, ("circuit_blend", chosen.get("circuit_blend")
-                                                        or sweeps["circuit_blend"][0]))
+        fb = "circuit_blend" if "circuit_blend" in mix_families else mix_families[0]  # nothing passes: fall back
+        mix_choice = per_emotion_mix(mix_rows, guards, (fb, chosen.get(fb) or sweeps[fb][0]))
         pe_tab = pd.DataFrame([{"emotion": e, "method": x["method"], "value": x["value"],
                                 "accuracy": round(100 * x["accuracy"], 1),
                                 **{k: v for k, v in card_table([x["card"]], guards).iloc[0].to_dict().items()

@@ -143,7 +143,7 @@ def test_judge_data_and_retention_disjoint_from_generation_prompts():
     # no judge or retention text shares a 6-word sequence with any SEV scenario or event (all three splits);
     # shorter common phrases ("in the middle of the") do occur and are not copying
     sev = set()
-    for split in ("sev_analysis", "sev_test", "sev_confirm", "sev_confirm2"):
+    for split in ("sev_analysis", "sev_test", "sev_confirm", "sev_confirm2", "sev_confirm3"):
         for line in (DATA_DIR / f"{split}.jsonl").read_text().splitlines():
             r = json.loads(line)
             sev |= _ngrams(r["scenario"])
@@ -161,7 +161,8 @@ def _sev_texts(rec):
     return [rec["scenario"], *rec["event"].values()]
 
 
-@pytest.mark.parametrize("name,tag,earlier", [("sev_confirm", "c", ()), ("sev_confirm2", "d", ("sev_confirm",))])
+@pytest.mark.parametrize("name,tag,earlier", [("sev_confirm", "c", ()), ("sev_confirm2", "d", ("sev_confirm",)),
+                                                    ("sev_confirm3", "e", ("sev_confirm", "sev_confirm2"))])
 def test_confirm_split_is_new_text(name, tag, earlier):
     # sev_confirm*.jsonl: confirmation test files (benchmarks/control.py --test), each written after its protocol
     # was fixed; each must load, be balanced, and share no 6-word sequence with any other shipped SEV, story or
@@ -261,6 +262,25 @@ def test_per_emotion_mix_picks_family_and_scale_under_per_emotion_guards():
     # per_emotion_choice is the one-family case of the same rule
     one = {e: [{k: v for k, v in r.items() if k != "method"} for r in rs] for e, rs in rows.items()}
     assert per_emotion_choice(one, Guards(), 1.5) == {"disgust": 3.0, "anger": 2.0, "sadness": 2.0, "fear": 1.5}
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--methods", "steering,circuit,circuit_mix", "--mix-families", "circuit,circuit_blend"], "--mix-families"),
+    (["--methods", "steering,circuit,circuit_mix", "--mix-families", ""], "--mix-families"),
+    (["--methods", "steering,circiut"], "unknown ['circiut']"),
+    (["--methods", "circuit,circuit_blend"], "steering and circuit are required"),
+])
+def test_control_benchmark_rejects_bad_method_lists_before_loading_anything(argv, needle):
+    # benchmarks/control.py checks --methods / --mix-families right after parsing (a typo costs seconds, not a
+    # model load and an analysis); the message names the fix
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "control.py"
+    p = subprocess.run([sys.executable, str(script), *argv, "--out", "/nonexistent/never-written"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert needle in p.stderr and "Loading" not in p.stderr, p.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- circuit attention viz
