@@ -185,49 +185,49 @@ def _run(args) -> int:
     settings = {"quick": args.quick, "only": args.only or "all", "device": str(m.device), "dtype": str(m.dtype)}
     identity = {"command": "run", "model": model_fingerprint(m), "quick": args.quick, "only": args.only or "all",
                 "config": {k: v.to_dict() for k, v in configs.items()}}
-    rf = RunFolder.open(args.out, args.name, identity, resume=args.resume, overwrite=args.overwrite)
-    run_dir = rf.path
-    print(f"emolens run -> {run_dir}", flush=True)
-    sections, failure = [], None
-    from .scale import config_from_args, use_backend
+    with RunFolder.open(args.out, args.name, identity, resume=args.resume, overwrite=args.overwrite) as rf:
+        run_dir = rf.path
+        print(f"emolens run -> {run_dir}", flush=True)
+        sections, failure = [], None
+        from .scale import config_from_args, use_backend
 
-    # None = local; a pipeline step records its finished shards in RUN/paperN/.shards/STEP (RUN/scale: others)
-    backend = config_from_args(args, run_dir / "scale")
-    if backend is not None:
-        settings["backend"] = f"{backend.backend} ({backend.address or 'local cluster'})"
-    for name, mod in mods.items():
-        print(f"[{name}] running", flush=True)
-        try:
-            kw = {"config": configs[name]} if name in configs else {"quick": args.quick}
-            if name in configs:
-                kw["on_step"] = (lambda n: (lambda e: rf.step_done(n, e)))(name)
-            with use_backend(backend):  # evaluation generations shard over Ray workers
-                sections += list(mod.run(m, run_dir, progress=progress, **kw))
-        except Exception as e:  # noqa: BLE001 - report what finished, then fail loudly
-            import traceback
+        # None = local; a pipeline step records its finished shards in RUN/paperN/.shards/STEP (RUN/scale: others)
+        backend = config_from_args(args, run_dir / "scale")
+        if backend is not None:
+            settings["backend"] = f"{backend.backend} ({backend.address or 'local cluster'})"
+        for name, mod in mods.items():
+            print(f"[{name}] running", flush=True)
+            try:
+                kw = {"config": configs[name]} if name in configs else {"quick": args.quick}
+                if name in configs:
+                    kw["on_step"] = (lambda n: (lambda e: rf.step_done(n, e)))(name)
+                with use_backend(backend):  # evaluation generations shard over Ray workers
+                    sections += list(mod.run(m, run_dir, progress=progress, **kw))
+            except Exception as e:  # noqa: BLE001 - report what finished, then fail loudly
+                import traceback
 
-            from emolens.sections import Section
+                from emolens.sections import Section
 
-            failure = e
-            sections.append(Section(f"{name} failed", text=[f"{type(e).__name__}: {e}",
-                                                            "".join(traceback.format_exc(limit=6))]))
-            break
-    if missing:
-        settings["not in this build"] = ", ".join(missing)
-    if args.only == "overview" or (missing and not sections):
+                failure = e
+                sections.append(Section(f"{name} failed", text=[f"{type(e).__name__}: {e}",
+                                                                "".join(traceback.format_exc(limit=6))]))
+                break
         if missing:
-            print(f"pipelines not available in this build: {', '.join(missing)}; writing the built-in model overview",
-                  flush=True)
-        sections = report.overview_sections(m, quick=args.quick, progress=progress, settings=settings) + sections
-    else:
-        sections = [report.model_info_section(m, settings)] + sections
-    meta = report.run_metadata(m, settings, command="emolens run", elapsed_s=round(time.time() - t0, 1))
-    path = report.write_report(sections, run_dir, title=f"emolens report: {m.name}", meta=meta, model_info=m.info())
-    rf.finish("failed" if failure is not None else "done")
-    print(f"report: {path.resolve()}")
-    if failure is not None:
-        raise failure
-    return 0
+            settings["not in this build"] = ", ".join(missing)
+        if args.only == "overview" or (missing and not sections):
+            if missing:
+                print(f"pipelines not available in this build: {', '.join(missing)}; writing the built-in model "
+                      "overview", flush=True)
+            sections = report.overview_sections(m, quick=args.quick, progress=progress, settings=settings) + sections
+        else:
+            sections = [report.model_info_section(m, settings)] + sections
+        meta = report.run_metadata(m, settings, command="emolens run", elapsed_s=round(time.time() - t0, 1))
+        path = report.write_report(sections, run_dir, title=f"emolens report: {m.name}", meta=meta, model_info=m.info())
+        print(f"report: {path.resolve()}")
+        if failure is not None:
+            raise failure  # the run folder records "failed" and the error (RunFolder.__exit__)
+        rf.finish()
+        return 0
 
 
 def _report_args(p):
@@ -340,42 +340,43 @@ def _attribute(args) -> int:
 
     cfg = AttributeConfig(args.clean, args.corrupted, args.target, args.foil, bool(args.chat), args.method, args.nodes)
     m = emolens.load_model(args.model, device=args.device)
-    rf = RunFolder.open(args.out, args.name, {"command": "attribute", "model": model_fingerprint(m),
-                                              "config": cfg.to_dict()}, resume=args.resume, overwrite=args.overwrite)
-    run_dir = rf.path
-    # one engine step: a resumed folder reuses the saved attribution when model and options match
-    step = Step("attribution", lambda ctx: {"attribution": _attribution_results(ctx.model, args) or
-                                            {"_empty": {}}}, config=tuple(cfg.to_dict()))
-    ctx = run_steps([step], m, cfg, run_dir / "attribute", progress=not args.no_progress, label="attribute",
-                    on_step=lambda e: rf.step_done("attribute", e))
-    results = ctx.load("attribution")
-    results = results if isinstance(results, dict) and "_empty" not in results else {}
-    if not results:
-        raise emolens.InputError(f"Attribution returned no results for nodes {args.nodes!r}.")
-    first = next(iter(results.values()))
-    sec = Section("Attribution patching")
-    sec.add_text(f"clean: {args.clean!r}", f"corrupted: {args.corrupted!r}",
-                 f"metric: {first.meta.get('metric', '?')}; method: {first.meta.get('method', args.method)}; "
-                 f"target {args.target!r}, foil {args.foil!r}")
-    for name, res in results.items():
-        try:
-            sec.add_figure(name, viz.plot(res))
-        except emolens.ResultError as e:
-            sec.add_text(f"{name}: no plot ({e})")
-        if res.scores.numel():
-            sec.add_table(f"Top {name}", pd.DataFrame(res.top(min(args.top, res.scores.numel()))))
-        sec.results[name] = res
-    settings = {"clean": args.clean, "corrupted": args.corrupted, "target": args.target, "foil": args.foil,
-                "chat": args.chat, "method": args.method, "nodes": args.nodes}
-    path = report.write_report([report.model_info_section(m), sec], run_dir, title=f"emolens attribution: {m.name}",
-                               meta=report.run_metadata(m, settings, command="emolens attribute"), model_info=m.info())
-    rf.finish()
-    for name, res in results.items():
-        if res.scores.numel():
-            t = res.top(1)[0]
-            print(f"{name:10s} top: " + ", ".join(f"{k}={v}" for k, v in t.items()))
-    print(f"report: {path.resolve()}")
-    return 0
+    identity = {"command": "attribute", "model": model_fingerprint(m), "config": cfg.to_dict()}
+    with RunFolder.open(args.out, args.name, identity, resume=args.resume, overwrite=args.overwrite) as rf:
+        run_dir = rf.path
+        # one engine step: a resumed folder reuses the saved attribution when model and options match
+        step = Step("attribution", lambda ctx: {"attribution": _attribution_results(ctx.model, args) or
+                                                {"_empty": {}}}, config=tuple(cfg.to_dict()))
+        ctx = run_steps([step], m, cfg, run_dir / "attribute", progress=not args.no_progress, label="attribute",
+                        on_step=lambda e: rf.step_done("attribute", e))
+        results = ctx.load("attribution")
+        results = results if isinstance(results, dict) and "_empty" not in results else {}
+        if not results:
+            raise emolens.InputError(f"Attribution returned no results for nodes {args.nodes!r}.")
+        first = next(iter(results.values()))
+        sec = Section("Attribution patching")
+        sec.add_text(f"clean: {args.clean!r}", f"corrupted: {args.corrupted!r}",
+                     f"metric: {first.meta.get('metric', '?')}; method: {first.meta.get('method', args.method)}; "
+                     f"target {args.target!r}, foil {args.foil!r}")
+        for name, res in results.items():
+            try:
+                sec.add_figure(name, viz.plot(res))
+            except emolens.ResultError as e:
+                sec.add_text(f"{name}: no plot ({e})")
+            if res.scores.numel():
+                sec.add_table(f"Top {name}", pd.DataFrame(res.top(min(args.top, res.scores.numel()))))
+            sec.results[name] = res
+        settings = {"clean": args.clean, "corrupted": args.corrupted, "target": args.target, "foil": args.foil,
+                    "chat": args.chat, "method": args.method, "nodes": args.nodes}
+        path = report.write_report([report.model_info_section(m), sec], run_dir, title=f"emolens attribution: {m.name}",
+                                   meta=report.run_metadata(m, settings, command="emolens attribute"),
+                                   model_info=m.info())
+        rf.finish()
+        for name, res in results.items():
+            if res.scores.numel():
+                t = res.top(1)[0]
+                print(f"{name:10s} top: " + ", ".join(f"{k}={v}" for k, v in t.items()))
+        print(f"report: {path.resolve()}")
+        return 0
 
 
 def _attribution_results(m, args) -> dict:

@@ -262,15 +262,37 @@ def test_result_top_negative():
 
 
 def test_cli_steer_bad_window_and_wrong_vectors_file(tmp_path, capsys):
-    assert cli.main(["steer", "--model", "tiny-llama", "--window", "a,b", "--max-new-tokens", "2"]) == 2
+    out = tmp_path / "runs"
+    assert cli.main(["steer", "--model", "tiny-llama", "--window", "a,b", "--max-new-tokens", "2",
+                     "--out", str(out)]) == 2
     assert "e.g. --window -3,-2,-1" in capsys.readouterr().err
     notes = tmp_path / "notes.txt"
     notes.write_text("x")
-    assert cli.main(["steer", "--model", "tiny-llama", "--vectors", str(notes), "--max-new-tokens", "2"]) == 2
+    assert cli.main(["steer", "--model", "tiny-llama", "--vectors", str(notes), "--max-new-tokens", "2",
+                     "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "is a .txt file, not saved emotion vectors" in err and "pass the .safetensors path" in err
+    assert not out.exists() or not any(out.iterdir())  # refused before a run folder was made
     with pytest.raises(ResultError, match="not saved results"):
         Result.load(notes)
+
+
+def test_cli_failure_inside_a_step_marks_the_run_folder_failed_and_resume_finishes_it(tmp_path, tiny_llama, capsys):
+    # a corrupt vectors file is only read inside the run's first step: run.json must say "failed" and why (not
+    # "running" forever); the same folder resumed once the file is fixed finishes and drops the error
+    vec = tmp_path / "vec.safetensors"
+    vec.write_bytes(b"not a safetensors file" * 4)
+    args = ["steer", "--model", "tiny-llama", "--vectors", str(vec), "--layer", "1", "--max-new-tokens", "2",
+            "--out", str(tmp_path), "--name", "r", "--no-progress"]
+    assert cli.main(args) == 2
+    assert "vec.safetensors" in capsys.readouterr().err
+    state = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert state["status"] == "failed" and "ResultError" in state["error"] and "vec.safetensors" in state["error"]
+    _vectors(tiny_llama).save(vec)  # the CLI loads tiny-llama afresh: same weights, same fingerprint
+    assert cli.main([a for a in args if a not in ("--name", "r")] + ["--resume", str(tmp_path / "r")]) == 0
+    state = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert state["status"] == "done" and "error" not in state
+    assert state["steps"]["steer"]["steered"]["status"] == "computed"
 
 
 def test_cli_model_errors_are_one_line(capsys):

@@ -178,12 +178,14 @@ def test_cli_run_calls_pipelines_and_keeps_partial_reports(monkeypatch, tmp_path
     with pytest.raises(RuntimeError, match="exploded"):
         main(args + ["--name", "both"])
     assert calls == [("tiny-llama", tmp_path / "both", True, False)]
-    titles = [s["title"] for s in json.loads((tmp_path / "both" / "run.json").read_text())["sections"]]
-    assert titles == ["Model overview", "Paper 1 step", "paper2 failed"]
+    state = json.loads((tmp_path / "both" / "run.json").read_text())
+    assert [s["title"] for s in state["sections"]] == ["Model overview", "Paper 1 step", "paper2 failed"]
+    assert state["status"] == "failed" and state["error"] == "RuntimeError: pipeline exploded"
     assert "pipeline exploded" in (tmp_path / "both" / "report.html").read_text()
     assert main(args + ["--name", "p1", "--only", "paper1"]) == 0
-    titles = [s["title"] for s in json.loads((tmp_path / "p1" / "run.json").read_text())["sections"]]
-    assert titles == ["Model overview", "Paper 1 step"]
+    state = json.loads((tmp_path / "p1" / "run.json").read_text())
+    assert [s["title"] for s in state["sections"]] == ["Model overview", "Paper 1 step"]
+    assert state["status"] == "done" and "error" not in state
 
 
 @pytest.fixture(scope="module")

@@ -714,6 +714,9 @@ class RunFolder:
     """A run folder's ``run.json``: who it belongs to (``identity``: command, model, configuration),
     its status and the state of every step, rewritten atomically as the run goes.
 
+    Used as a context manager (``with RunFolder.open(...) as rf:``), an exception marks the folder
+    ``failed`` (``interrupted`` on Ctrl-C) with the error in ``run.json``.
+
     ``open(..., resume=True)`` continues a folder only when its identity equals the new one; otherwise
     it refuses with the differing fields (``overwrite=True`` accepts the new identity: steps whose
     fingerprints still match are reused, the rest recompute).
@@ -750,6 +753,8 @@ class RunFolder:
                                  "it under the new settings (steps whose inputs changed recompute).")
             state["identity"] = new
             state["status"] = "running"
+            if state.pop("error", None) is not None:  # save() keeps keys already in the file: drop it there too
+                io.write_json(rj, state)
             io.remove_stale_temps(path)  # e.g. .run.json.<random>.tmp of a process killed while saving
             rf = cls(path, state)
         else:
@@ -774,6 +779,17 @@ class RunFolder:
     def finish(self, status: str = "done") -> None:
         self.state["status"] = status
         self.save()
+
+    def __enter__(self) -> "RunFolder":
+        return self
+
+    def __exit__(self, et, e, tb) -> bool:
+        # a command that dies leaves "failed"/"interrupted" and the error, not a "running" that never ends;
+        # finished steps stay in the folder, so --resume continues from them
+        if e is not None and self.state.get("status") == "running":
+            self.state["error"] = f"{et.__name__}: {e}"
+            self.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+        return False
 
 
 _register_builtin_kinds()

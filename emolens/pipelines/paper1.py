@@ -55,7 +55,7 @@ from .engine import (Context, PipelineConfig, RunFolder, Step, log_table, model_
                      run_steps, sections as engine_sections)
 from ..directions import EmotionVectors, emotion_vectors, evaluate_vectors
 from ..errors import InputError
-from ..results import Result
+from ..results import Result, saved_path
 from ..sections import Section
 from ..steering import (Condition, SweepResult, calibrate, generate, global_interventions,
                         priming_system, score_condition, steering_interventions, sweep)
@@ -1008,6 +1008,8 @@ def _steer_config(m, args) -> SteerConfig:
     elif args.vectors:
         if not Path(args.vectors).is_file():
             raise InputError(f"--vectors {args.vectors}: no such file; pass a saved .safetensors or .gguf file.")
+        if Path(args.vectors).suffix != ".gguf":
+            saved_path(args.vectors, "emotion vectors")  # a file of another kind fails before a run folder exists
         vectors = str(Path(args.vectors).resolve())
     elif args.pairs_data:
         if not Path(args.pairs_data).exists():
@@ -1032,27 +1034,27 @@ def steer_cli(args) -> int:
 
     m = emolens.load_model(args.model, device=args.device)
     cfg = _steer_config(m, args)
-    rf = RunFolder.open(args.out, args.name, {"command": "steer", "model": model_fingerprint(m),
-                                              "config": cfg.to_dict()}, resume=args.resume, overwrite=args.overwrite)
-    ctx = run_steps(STEER_STEPS, m, cfg, rf.path / "steer", progress=not args.no_progress, label="steer",
-                    on_step=lambda e: rf.step_done("steer", e))
-    name = ctx.load("steer_vector")["name"]
-    base, steered = ctx.load("unsteered")["text"], ctx.load("steered")["text"]
-    print(f"model: {m.name}\nprompt: {cfg.prompt}\n\n[unsteered]\n{base}\n\n"
-          f"[steered: +{cfg.strength:g} ({cfg.mode}) x '{name}' at resid_post.{cfg.layer}, positions: "
-          f"{cfg.position}]\n{steered}")
-    if args.save_gguf:
-        vecs = ctx.load("vectors")
-        single = EmotionVectors({name: vecs[name]}, meta=dict(vecs.meta))
-        print(f"control vector: {single.to_gguf(args.save_gguf, name)}")
-    sec = Section("Steering one reply")
-    sec.add_text(f"prompt: {cfg.prompt!r}", f"unsteered: {base!r}",
-                 f"steered (+{cfg.strength:g} ({cfg.mode}) x '{name}' at resid_post.{cfg.layer}, positions "
-                 f"{cfg.position}): {steered!r}")
-    sec.add_table("Steps in this call (computed or reused from the run folder, and why)", log_table(ctx))
-    path = report.write_report([report.model_info_section(m), sec], rf.path, title=f"emolens steer: {m.name}",
-                               meta=report.run_metadata(m, cfg.to_dict(), command="emolens steer"),
-                               model_info=m.info())
-    rf.finish()
-    print(f"run folder: {rf.path}\nreport: {Path(path).resolve()}")
-    return 0
+    identity = {"command": "steer", "model": model_fingerprint(m), "config": cfg.to_dict()}
+    with RunFolder.open(args.out, args.name, identity, resume=args.resume, overwrite=args.overwrite) as rf:
+        ctx = run_steps(STEER_STEPS, m, cfg, rf.path / "steer", progress=not args.no_progress, label="steer",
+                        on_step=lambda e: rf.step_done("steer", e))
+        name = ctx.load("steer_vector")["name"]
+        base, steered = ctx.load("unsteered")["text"], ctx.load("steered")["text"]
+        print(f"model: {m.name}\nprompt: {cfg.prompt}\n\n[unsteered]\n{base}\n\n"
+              f"[steered: +{cfg.strength:g} ({cfg.mode}) x '{name}' at resid_post.{cfg.layer}, positions: "
+              f"{cfg.position}]\n{steered}")
+        if args.save_gguf:
+            vecs = ctx.load("vectors")
+            single = EmotionVectors({name: vecs[name]}, meta=dict(vecs.meta))
+            print(f"control vector: {single.to_gguf(args.save_gguf, name)}")
+        sec = Section("Steering one reply")
+        sec.add_text(f"prompt: {cfg.prompt!r}", f"unsteered: {base!r}",
+                     f"steered (+{cfg.strength:g} ({cfg.mode}) x '{name}' at resid_post.{cfg.layer}, positions "
+                     f"{cfg.position}): {steered!r}")
+        sec.add_table("Steps in this call (computed or reused from the run folder, and why)", log_table(ctx))
+        path = report.write_report([report.model_info_section(m), sec], rf.path, title=f"emolens steer: {m.name}",
+                                   meta=report.run_metadata(m, cfg.to_dict(), command="emolens steer"),
+                                   model_info=m.info())
+        rf.finish()
+        print(f"run folder: {rf.path}\nreport: {Path(path).resolve()}")
+        return 0

@@ -1620,14 +1620,14 @@ def circuit_cli(args) -> int:
     make_judge(cfg)
     check_data(cfg)  # a bad data file fails before a run folder exists
     identity = {"command": "circuit", "model": model_fingerprint(m), "config": {"paper2": cfg.to_dict()}}
-    rf = RunFolder.open(args.out, args.name, identity, resume=args.resume, overwrite=args.overwrite)
-    t0 = time.time()
-    print(f"emolens circuit -> {rf.path}", flush=True)
-    secs = run(m, rf.path, progress=not args.no_progress, config=cfg, on_step=lambda e: rf.step_done("paper2", e))
-    meta = report.run_metadata(m, {"quick": args.quick, "config": cfg.to_dict()}, command="emolens circuit",
-                               elapsed_s=round(time.time() - t0, 1))
-    path = report.write_report([report.model_info_section(m)] + secs, rf.path, title=f"emolens: emotion circuits on "
-                               f"{m.name}", meta=meta, model_info=m.info())
-    rf.finish()
-    print(f"report: {Path(path).resolve()}")
-    return 0
+    with RunFolder.open(args.out, args.name, identity, resume=args.resume, overwrite=args.overwrite) as rf:
+        t0 = time.time()
+        print(f"emolens circuit -> {rf.path}", flush=True)
+        secs = run(m, rf.path, progress=not args.no_progress, config=cfg, on_step=lambda e: rf.step_done("paper2", e))
+        meta = report.run_metadata(m, {"quick": args.quick, "config": cfg.to_dict()}, command="emolens circuit",
+                                   elapsed_s=round(time.time() - t0, 1))
+        path = report.write_report([report.model_info_section(m)] + secs, rf.path,
+                                   title=f"emolens: emotion circuits on {m.name}", meta=meta, model_info=m.info())
+        rf.finish()
+        print(f"report: {Path(path).resolve()}")
+        return 0
