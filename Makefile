@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.emolens-setup
 ARGS ?=
-# The main job's options: quick by default (9 min on an idle 2-core CPU, measured, see README); `make run RUN_ARGS=` runs the full pipelines.
+# The main job's options: quick by default (6-9 min on an idle 2-core CPU, measured, see README); `make run RUN_ARGS=` runs the full pipelines.
 RUN_ARGS ?= --quick
 
 .PHONY: run test test-fast setup docs bench clean-venv
