@@ -753,15 +753,16 @@ class RunFolder:
                                  "it under the new settings (steps whose inputs changed recompute).")
             state["identity"] = new
             state["status"] = "running"
-            if state.pop("error", None) is not None:  # save() keeps keys already in the file: drop it there too
-                io.write_json(rj, state)
+            state.pop("error", None)  # of the run that failed; written out below
             io.remove_stale_temps(path)  # e.g. .run.json.<random>.tmp of a process killed while saving
             rf = cls(path, state)
         else:
             path = report.new_run_dir(out, name, overwrite=overwrite)
             rf = cls(path, {"identity": json.loads(json.dumps(identity, default=str)), "status": "running",
                             "steps": {}})
-        rf.save()
+        # the whole state, not save()'s merge: a resumed state is the file's content (others' keys included)
+        # minus what the resume drops, e.g. the last run's error
+        io.write_json(path / RUN_MARKER, rf.state)
         return rf
 
     def save(self) -> None:
