@@ -143,7 +143,8 @@ def test_judge_data_and_retention_disjoint_from_generation_prompts():
     # no judge or retention text shares a 6-word sequence with any SEV scenario or event (all three splits);
     # shorter common phrases ("in the middle of the") do occur and are not copying
     sev = set()
-    for split in ("sev_analysis", "sev_test", "sev_confirm", "sev_confirm2", "sev_confirm3"):
+    for split in ("sev_analysis", "sev_test", "sev_confirm", "sev_confirm2", "sev_confirm3",
+                  "sev_confirm4"):
         for line in (DATA_DIR / f"{split}.jsonl").read_text().splitlines():
             r = json.loads(line)
             sev |= _ngrams(r["scenario"])
@@ -162,7 +163,9 @@ def _sev_texts(rec):
 
 
 @pytest.mark.parametrize("name,tag,earlier", [("sev_confirm", "c", ()), ("sev_confirm2", "d", ("sev_confirm",)),
-                                                    ("sev_confirm3", "e", ("sev_confirm", "sev_confirm2"))])
+                                                    ("sev_confirm3", "e", ("sev_confirm", "sev_confirm2")),
+                                                    ("sev_confirm4", "f",
+                                                     ("sev_confirm", "sev_confirm2", "sev_confirm3"))])
 def test_confirm_split_is_new_text(name, tag, earlier):
     # sev_confirm*.jsonl: confirmation test files (benchmarks/control.py --test), each written after its protocol
     # was fixed; each must load, be balanced, and share no 6-word sequence with any other shipped SEV, story or
