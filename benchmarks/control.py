@@ -30,6 +30,10 @@ by the same guarded rule (:func:`emolens.circuits.control.per_emotion_mix`). Its
 maximum over candidates, so it is left out of the ``variant`` choice; the RESULT line adds ``mix_acc`` and
 ``mix_passes`` (1 when its test card passes every guard).
 
+``circuit_focus`` (opt-in: ``--methods ...,circuit_focus``) is the story payload on each emotion's ``--focus-heads``
+circuit heads of largest payload norm (:func:`emolens.circuits.control.focused_heads`), at t* and the reply, no
+neurons; it can also be a ``circuit_mix`` family.
+
 ``--test-skip N`` tests on the records after the first N (a second, unseen part of the test file);
 ``--methods`` runs a subset of the swept methods (prompting and the unsteered model always run).
 
@@ -66,7 +70,13 @@ PAPER_SYSTEM = "Keep the reply to at most two sentences."
 BLEND_WEIGHT = 0.5
 #: the generalising variants compared with the paper-faithful reference circuit (issue 10, item 3)
 VARIANTS = ("circuit_reply", "circuit_noname", "circuit_story", "circuit_story_reply", "story_steer", "circuit_blend",
-            "circuit_va", "circuit_mix")
+            "circuit_va", "circuit_mix", "circuit_focus")
+#: ``--methods`` default: every variant but circuit_focus (added 2026-12-04, opt-in until a confirmation file has
+#: tested it, so the default command's rows and RESULT line stay those measured in RESULTS.md)
+DEFAULT_METHODS = ("steering", "circuit") + tuple(v for v in VARIANTS if v != "circuit_focus")
+#: circuit_focus: the story payload on the FOCUS_HEADS circuit heads of largest payload norm, at t* and the reply
+#: (``focused_heads``); 60 and the scale grid came from calibration-split fear exploration (analysis records only)
+FOCUS_HEADS = 60
 #: circuit_mix: each emotion's payload family and scale chosen on calibration among these rows (ties: this order).
 #: circuit_story_reply joined on 2026-12-04 (calibration fear replies only: 4/12 judged fear at scale 4 against at most
 #: 1/12 for every other family; before, ``--mix-families circuit,circuit_blend,circuit_story``)
@@ -163,11 +173,15 @@ def main(argv=None) -> int:
     ap.add_argument("--story-alphas", default="1")
     ap.add_argument("--blend-scales", default="1.5,1.75,2,2.5",
                     help="circuit_blend scales (P_emo payload x s + story payload x s x BLEND_WEIGHT)")
-    ap.add_argument("--methods", default=",".join(("steering", "circuit") + VARIANTS),
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help="swept methods to calibrate and test (prompting and the unsteered model always run; "
-                         "steering and circuit are required)")
+                         "steering and circuit are required; circuit_focus is opt-in)")
     ap.add_argument("--mix-families", default=",".join(MIX_FAMILIES),
                     help="rows circuit_mix chooses among, per emotion (ties: this order); each must be in --methods")
+    ap.add_argument("--focus-scales", default="3,3.5,4",
+                    help="circuit_focus scales (the story payload on --focus-heads circuit heads, t* and reply)")
+    ap.add_argument("--focus-heads", type=int, default=FOCUS_HEADS,
+                    help="circuit_focus: the circuit heads of largest story-payload norm kept per emotion")
     ap.add_argument("--va-scales", default="2,3,4",
                     help="circuit_va scales (the blend payload restricted to its valence-arousal plane)")
     ap.add_argument("--system", default=CHAT_SYSTEM)
@@ -185,7 +199,7 @@ def main(argv=None) -> int:
     import emolens
     from emolens.circuits.assembly import assemble_circuit
     from emolens.circuits.components import head_scores_from_stats, neuron_scores_from_stats
-    from emolens.circuits.control import (MENTION_TEMPLATE, blend_payloads, generate_with, load_stories,
+    from emolens.circuits.control import (MENTION_TEMPLATE, blend_payloads, focused_heads, generate_with, load_stories,
                                           VA_COORDS, name_confound_removed, per_emotion_choice, per_emotion_mix,
                                           reply_modulation_interventions, story_directions, text_difference_vectors,
                                           valence_arousal_axes, valence_arousal_payload)
@@ -209,13 +223,17 @@ def main(argv=None) -> int:
     qa_kw = {"max_new_tokens": 12, "repetition_penalty": 1.1, "no_repeat_ngram_size": 3}
     # the test cache: its entries are keyed by method and strength, so an extended sweep reuses them
     sweep_args = ("steer_alphas", "circuit_scales", "reply_scales", "noname_scales", "story_circuit_scales",
-                  "story_reply_scales", "story_alphas", "blend_scales", "va_scales")
+                  "story_reply_scales", "story_alphas", "blend_scales", "va_scales", "focus_scales")
     cfg = {k: v for k, v in vars(args).items()
            if k not in ("out", "judge_url", "judge_model", "calib_only", "methods", "mix_families") + sweep_args}
     if not cfg["test_skip"]:
         cfg.pop("test_skip")  # keeps the cache keys of runs made before the option existed
     if cfg["calib_start"] is None:
         cfg.pop("calib_start")  # likewise
+    if cfg["focus_heads"] == FOCUS_HEADS:
+        cfg.pop("focus_heads")  # likewise
+    if args.focus_heads < 1:
+        raise SystemExit(f"--focus-heads {args.focus_heads}: pass a positive number of heads")
     cfg.update(system_used=system, gen_kw=gen_kw, guards=guards.to_dict(), blend_weight=BLEND_WEIGHT, v=3)
     cache = Cache(Path(args.out), cfg)
     # the analysis step depends only on these: reruns with other sweeps or test files reuse it
@@ -225,6 +243,7 @@ def main(argv=None) -> int:
     acache = Cache(Path(args.out) / "analysis", {**{k: cfg[k] for k in akeys}, "system_used": system, "v": 2})
     # calibration rows are keyed by (method, value) inside: a changed sweep grid reuses the rows it shares
     ckeys = akeys + ("calib_records", "calib_retention", "max_new_tokens", "gen_batch")
+    ckeys += ("focus_heads",) if "focus_heads" in cfg else ()  # circuit_focus's calibration rows depend on it
     ccache = Cache(Path(args.out) / "calibration", {**{k: cfg[k] for k in ckeys}, "system_used": system,
                                                     "gen_kw": gen_kw, "blend_weight": BLEND_WEIGHT, "v": 2})
     log("cache", cache.dir, "analysis cache", acache.dir, "calibration cache", ccache.dir)
@@ -333,6 +352,7 @@ def main(argv=None) -> int:
     va = {e: VA_COORDS[e] for e in EMOS}
     va_mlp = valence_arousal_payload(valence_arousal_axes(bl_mlp, va), va)
     va_attn = valence_arousal_payload(valence_arousal_axes(bl_attn, va), va)
+    focused = {e: focused_heads(circuits[e], st_attn, args.focus_heads) for e in EMOS}
     methods = {
         "steering": lambda a: (lambda e: steering_interventions(model, directions, e, steer_layers, a)),
         "circuit": lambda s: (lambda e: modulation_interventions(model, circuits[e], dmu_mlp, dmu_attn, s)),
@@ -345,11 +365,13 @@ def main(argv=None) -> int:
         "story_steer": lambda a: (lambda e: steering_interventions(model, story, e, steer_layers, a)),
         "circuit_blend": lambda s: (lambda e: modulation_interventions(model, circuits[e], bl_mlp, bl_attn, s)),
         "circuit_va": lambda s: (lambda e: modulation_interventions(model, circuits[e], va_mlp, va_attn, s)),
+        "circuit_focus": lambda s: (lambda e: reply_modulation_interventions(model, focused[e], st_mlp, st_attn, s)),
     }
     sweeps = {"steering": args.steer_alphas, "circuit": args.circuit_scales, "circuit_reply": args.reply_scales,
               "circuit_noname": args.noname_scales, "circuit_story": args.story_circuit_scales,
               "circuit_story_reply": args.story_reply_scales,
-              "story_steer": args.story_alphas, "circuit_blend": args.blend_scales, "circuit_va": args.va_scales}
+              "story_steer": args.story_alphas, "circuit_blend": args.blend_scales, "circuit_va": args.va_scales,
+              "circuit_focus": args.focus_scales}
     assert set(sweeps) == set(SWEPT)
     sweeps = {k: [float(x) for x in v.split(",")] for k, v in sweeps.items() if k in wanted}
     qa = load_retention_qa()

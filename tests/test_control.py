@@ -144,7 +144,7 @@ def test_judge_data_and_retention_disjoint_from_generation_prompts():
     # shorter common phrases ("in the middle of the") do occur and are not copying
     sev = set()
     for split in ("sev_analysis", "sev_test", "sev_confirm", "sev_confirm2", "sev_confirm3",
-                  "sev_confirm4"):
+                  "sev_confirm4", "sev_confirm5"):
         for line in (DATA_DIR / f"{split}.jsonl").read_text().splitlines():
             r = json.loads(line)
             sev |= _ngrams(r["scenario"])
@@ -165,7 +165,9 @@ def _sev_texts(rec):
 @pytest.mark.parametrize("name,tag,earlier", [("sev_confirm", "c", ()), ("sev_confirm2", "d", ("sev_confirm",)),
                                                     ("sev_confirm3", "e", ("sev_confirm", "sev_confirm2")),
                                                     ("sev_confirm4", "f",
-                                                     ("sev_confirm", "sev_confirm2", "sev_confirm3"))])
+                                                     ("sev_confirm", "sev_confirm2", "sev_confirm3")),
+                                                    ("sev_confirm5", "g",
+                                                     ("sev_confirm", "sev_confirm2", "sev_confirm3", "sev_confirm4"))])
 def test_confirm_split_is_new_text(name, tag, earlier):
     # sev_confirm*.jsonl: confirmation test files (benchmarks/control.py --test), each written after its protocol
     # was fixed; each must load, be balanced, and share no 6-word sequence with any other shipped SEV, story or
@@ -495,3 +497,47 @@ def test_valence_arousal_axes_recover_a_planar_payload_and_reject_bad_input():
         valence_arousal_axes(Result("neurons", planar * float("nan"), dmu.axes, dmu.labels, {}, {}))
     with pytest.raises(InputError, match="valence_arousal_axes"):
         valence_arousal_payload(dmu, {"x": (0.0, 0.0)})
+
+
+def test_focused_heads_keeps_the_k_largest_payload_heads_and_modulates_only_them(tiny_llama):
+    """Hand case: the k circuit heads of largest payload norm, no neurons; modulating the focused circuit equals
+    modulating the full circuit with every other payload vector zeroed."""
+    import torch
+
+    from emolens.circuits.assembly import DIMS, Circuit
+    from emolens.circuits.control import focused_heads, reply_modulation_interventions
+    from emolens.results import Result
+
+    m = tiny_llama
+    E = ["anger", "fear"]
+    z = torch.zeros(2, m.n_layers, m.n_heads, m.d_head)
+    z[1, 0, 0, 0], z[1, 0, 1, 0], z[1, 1, 0, 0], z[1, 1, m.n_heads - 1, 1] = 1.0, -5.0, 3.0, 4.0
+    z[0] = 9.0  # another emotion's payload never matters
+    za = Result("head_vectors", z, ("emotion", "layer", "head", "dim"), {"emotion": E}, {}, {})
+    zm = Result("neurons", torch.ones(2, m.n_layers, m.d_mlp), ("emotion", "layer", "neuron"), {"emotion": E}, {}, {})
+    dims = {k: getattr(m, k) for k in DIMS} | {"name": m.name}
+    circ = Circuit("fear", dims, {0: [1, 2]}, {0: [0, 1], 1: [0, m.n_heads - 1]})
+    f = focused_heads(circ, za, 2)
+    assert f.neurons == {} and f.heads == {0: [1], 1: [m.n_heads - 1]}  # norms 5 and 4 beat 3 and 1
+    assert f.alloc["focused_heads"] == 2 and f.emotion == "fear"
+    assert focused_heads(circ, za, 3).heads == {0: [1], 1: [m.n_heads - 1, 0]}
+    assert focused_heads(circ, za, 99).n_heads == 4
+
+    keep = torch.zeros_like(z)
+    keep[1, 0, 1], keep[1, 1, m.n_heads - 1] = z[1, 0, 1], z[1, 1, m.n_heads - 1]
+    ref = reply_modulation_interventions(m, Circuit("fear", dims, {}, circ.heads),
+                                         zm, Result("head_vectors", keep, za.axes, za.labels, {}, {}), 2.0)
+    mine = reply_modulation_interventions(m, f, zm, za, 2.0)
+    prompts = ["I lost my keys again today", "The train was late"]
+    base = m.forward(prompts)
+    lf, lr = m.forward(prompts, interventions=mine), m.forward(prompts, interventions=ref)
+    assert (lf - base).abs().max() > 1e-3
+    torch.testing.assert_close(lf, lr, atol=1e-5, rtol=1e-5)
+
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(InputError, match="positive integer"):
+            focused_heads(circ, za, bad)
+    with pytest.raises(InputError, match="head_vectors"):
+        focused_heads(circ, zm, 2)
+    with pytest.raises(InputError, match="NaN"):
+        focused_heads(circ, Result("head_vectors", z * float("nan"), za.axes, za.labels, {}, {}), 2)
