@@ -75,6 +75,8 @@ dataset (paper 2, section 2.2), written from scratch for emolens::
   the same way; it shares no 6-word sequence with any earlier confirmation file.
 * ``sev_confirm5.jsonl`` (24 records, 3 per theme, ids ``<theme>-gNN``): a fifth one, written
   the same way; it shares no 6-word sequence with any earlier confirmation file.
+* ``sev_confirm6.jsonl`` (24 records, 3 per theme, ids ``<theme>-hNN``): a sixth one, written
+  the same way; it shares no 6-word sequence with any earlier confirmation file.
 * ``skeleton_id`` must be unique within a file (a string; integers are converted).
   :func:`load_sev` also reads the original SEV files (``sev.jsonl``, ``test_set.jsonl``).
 

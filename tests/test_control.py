@@ -144,7 +144,7 @@ def test_judge_data_and_retention_disjoint_from_generation_prompts():
     # shorter common phrases ("in the middle of the") do occur and are not copying
     sev = set()
     for split in ("sev_analysis", "sev_test", "sev_confirm", "sev_confirm2", "sev_confirm3",
-                  "sev_confirm4", "sev_confirm5"):
+                  "sev_confirm4", "sev_confirm5", "sev_confirm6"):
         for line in (DATA_DIR / f"{split}.jsonl").read_text().splitlines():
             r = json.loads(line)
             sev |= _ngrams(r["scenario"])
@@ -167,7 +167,10 @@ def _sev_texts(rec):
                                                     ("sev_confirm4", "f",
                                                      ("sev_confirm", "sev_confirm2", "sev_confirm3")),
                                                     ("sev_confirm5", "g",
-                                                     ("sev_confirm", "sev_confirm2", "sev_confirm3", "sev_confirm4"))])
+                                                     ("sev_confirm", "sev_confirm2", "sev_confirm3", "sev_confirm4")),
+                                                    ("sev_confirm6", "h",
+                                                     ("sev_confirm", "sev_confirm2", "sev_confirm3", "sev_confirm4",
+                                                      "sev_confirm5"))])
 def test_confirm_split_is_new_text(name, tag, earlier):
     # sev_confirm*.jsonl: confirmation test files (benchmarks/control.py --test), each written after its protocol
     # was fixed; each must load, be balanced, and share no 6-word sequence with any other shipped SEV, story or

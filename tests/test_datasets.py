@@ -47,7 +47,7 @@ _BANNED_RE = re.compile(r"\b(" + "|".join(SEV_BANNED_WORDS) + r")\b", re.IGNOREC
 # The confirmation test files (benchmarks/control.py --test): not load_sev splits, loaded by path.
 _CONFIRMS = {n: resources.files("emolens").joinpath("data", n)
              for n in ("sev_confirm.jsonl", "sev_confirm2.jsonl", "sev_confirm3.jsonl", "sev_confirm4.jsonl",
-                       "sev_confirm5.jsonl")}
+                       "sev_confirm5.jsonl", "sev_confirm6.jsonl")}
 
 
 def _raw(name: str) -> list[dict]:
@@ -234,7 +234,7 @@ def test_sev_has_no_explicit_emotion_words(split):
     assert not hits, hits[:5]
 
 
-@pytest.mark.parametrize("name,tag", list(zip(_CONFIRMS, "cdefg")))
+@pytest.mark.parametrize("name,tag", list(zip(_CONFIRMS, "cdefgh")))
 def test_sev_confirm_schema_words_and_disjoint(name, tag):
     raw = _raw(name)
     for rec in raw:
