@@ -23,14 +23,14 @@ Protocol (fixed before any run):
    bootstrap lower bound.
 
 ``circuit_mix`` has no grid of its own: for each emotion it takes the payload family (``--mix-families``, default
-:data:`MIX_FAMILIES`: P_emo's payload, the blend, the story payload, and the story payload at the reply positions) and
+:data:`MIX_FAMILIES`: P_emo's payload, the blend, the story payload, and ``circuit_focus``) and
 scale whose calibration row is most accurate on that emotion's replies
 under that emotion's own card (retention: every calibration question asked under that emotion's intervention),
 by the same guarded rule (:func:`emolens.circuits.control.per_emotion_mix`). Its in-sample calibration accuracy is a
 maximum over candidates, so it is left out of the ``variant`` choice; the RESULT line adds ``mix_acc`` and
 ``mix_passes`` (1 when its test card passes every guard).
 
-``circuit_focus`` (opt-in: ``--methods ...,circuit_focus``) is the story payload on each emotion's ``--focus-heads``
+``circuit_focus`` is the story payload on each emotion's ``--focus-heads``
 circuit heads of largest payload norm (:func:`emolens.circuits.control.focused_heads`), at t* and the reply, no
 neurons; it can also be a ``circuit_mix`` family.
 
@@ -71,16 +71,15 @@ BLEND_WEIGHT = 0.5
 #: the generalising variants compared with the paper-faithful reference circuit (issue 10, item 3)
 VARIANTS = ("circuit_reply", "circuit_noname", "circuit_story", "circuit_story_reply", "story_steer", "circuit_blend",
             "circuit_va", "circuit_mix", "circuit_focus")
-#: ``--methods`` default: every variant but circuit_focus (added 2026-12-04, opt-in until a confirmation file has
-#: tested it, so the default command's rows and RESULT line stay those measured in RESULTS.md)
-DEFAULT_METHODS = ("steering", "circuit") + tuple(v for v in VARIANTS if v != "circuit_focus")
+#: ``--methods`` default: every variant
+DEFAULT_METHODS = ("steering", "circuit") + VARIANTS
 #: circuit_focus: the story payload on the FOCUS_HEADS circuit heads of largest payload norm, at t* and the reply
 #: (``focused_heads``); 60 and the scale grid came from calibration-split fear exploration (analysis records only)
 FOCUS_HEADS = 60
 #: circuit_mix: each emotion's payload family and scale chosen on calibration among these rows (ties: this order).
-#: circuit_story_reply joined on 2026-12-04 (calibration fear replies only: 4/12 judged fear at scale 4 against at most
-#: 1/12 for every other family; before, ``--mix-families circuit,circuit_blend,circuit_story``)
-MIX_FAMILIES = ("circuit", "circuit_blend", "circuit_story", "circuit_story_reply")
+#: Since 2026-12-04: circuit_focus replaces circuit_story_reply (which lost on sev_confirm3 and sev_confirm4), after the
+#: focus mix passed its pre-registered test on sev_confirm5 + sev_confirm6 (benchmarks/RESULTS.md, section control)
+MIX_FAMILIES = ("circuit", "circuit_blend", "circuit_story", "circuit_focus")
 
 
 #: the methods with a strength sweep (``--methods``); circuit_mix has none of its own
@@ -175,7 +174,7 @@ def main(argv=None) -> int:
                     help="circuit_blend scales (P_emo payload x s + story payload x s x BLEND_WEIGHT)")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help="swept methods to calibrate and test (prompting and the unsteered model always run; "
-                         "steering and circuit are required; circuit_focus is opt-in)")
+                         "steering and circuit are required)")
     ap.add_argument("--mix-families", default=",".join(MIX_FAMILIES),
                     help="rows circuit_mix chooses among, per emotion (ties: this order); each must be in --methods")
     ap.add_argument("--focus-scales", default="3,3.5,4",
