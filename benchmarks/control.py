@@ -194,6 +194,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t_all = time.time()
     wanted, mix, mix_families = check_methods(args.methods, args.mix_families)  # bad lists fail in seconds
+    if args.focus_heads < 1:
+        raise SystemExit(f"--focus-heads {args.focus_heads}: pass a positive number of heads")
 
     import emolens
     from emolens.circuits.assembly import assemble_circuit
@@ -231,8 +233,6 @@ def main(argv=None) -> int:
         cfg.pop("calib_start")  # likewise
     if cfg["focus_heads"] == FOCUS_HEADS:
         cfg.pop("focus_heads")  # likewise
-    if args.focus_heads < 1:
-        raise SystemExit(f"--focus-heads {args.focus_heads}: pass a positive number of heads")
     cfg.update(system_used=system, gen_kw=gen_kw, guards=guards.to_dict(), blend_weight=BLEND_WEIGHT, v=3)
     cache = Cache(Path(args.out), cfg)
     # the analysis step depends only on these: reruns with other sweeps or test files reuse it

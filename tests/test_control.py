@@ -277,9 +277,10 @@ def test_per_emotion_mix_picks_family_and_scale_under_per_emotion_guards():
     (["--methods", "steering,circuit,circuit_mix", "--mix-families", ""], "--mix-families"),
     (["--methods", "steering,circiut"], "unknown ['circiut']"),
     (["--methods", "circuit,circuit_blend"], "steering and circuit are required"),
+    (["--focus-heads", "0"], "--focus-heads 0: pass a positive number"),
 ])
-def test_control_benchmark_rejects_bad_method_lists_before_loading_anything(argv, needle):
-    # benchmarks/control.py checks --methods / --mix-families right after parsing (a typo costs seconds, not a
+def test_control_benchmark_rejects_bad_arguments_before_loading_anything(argv, needle):
+    # benchmarks/control.py checks --methods / --mix-families / --focus-heads right after parsing (a typo costs seconds, not a
     # model load and an analysis); the message names the fix
     import subprocess
     import sys
