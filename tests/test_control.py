@@ -280,8 +280,8 @@ def test_per_emotion_mix_picks_family_and_scale_under_per_emotion_guards():
     (["--focus-heads", "0"], "--focus-heads 0: pass a positive number"),
 ])
 def test_control_benchmark_rejects_bad_arguments_before_loading_anything(argv, needle):
-    # benchmarks/control.py checks --methods / --mix-families / --focus-heads right after parsing (a typo costs seconds, not a
-    # model load and an analysis); the message names the fix
+    # benchmarks/control.py checks --methods / --mix-families / --focus-heads right after parsing (a typo costs
+    # seconds, not a model load and an analysis); the message names the fix
     import subprocess
     import sys
     from pathlib import Path
