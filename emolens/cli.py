@@ -226,7 +226,6 @@ def _run(args) -> int:
         print(f"report: {path.resolve()}")
         if failure is not None:
             raise failure  # the run folder records "failed" and the error (RunFolder.__exit__)
-        rf.finish()
         return 0
 
 
@@ -370,7 +369,6 @@ def _attribute(args) -> int:
         path = report.write_report([report.model_info_section(m), sec], run_dir, title=f"emolens attribution: {m.name}",
                                    meta=report.run_metadata(m, settings, command="emolens attribute"),
                                    model_info=m.info())
-        rf.finish()
         for name, res in results.items():
             if res.scores.numel():
                 t = res.top(1)[0]

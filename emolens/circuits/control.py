@@ -78,7 +78,8 @@ def focused_heads(circuit: Circuit, dmu_attn: Result, k: int) -> Circuit:
 
     Why: on SmolLM2-135M the story payload at the reply positions on all 180 heads of the fear circuit
     shows fear only at scales that cost 20-30 points of task retention; the payload on fewer heads at
-    a larger scale reached fear at a smaller retention cost in calibration-split exploration. Modulate the result with :func:`reply_modulation_interventions`.
+    a larger scale reached fear at a smaller retention cost in calibration-split exploration.
+    Modulate the result with :func:`reply_modulation_interventions`.
 
     Args:
         circuit: an emotion's circuit (its heads are the candidates).
@@ -98,7 +99,8 @@ def focused_heads(circuit: Circuit, dmu_attn: Result, k: int) -> Circuit:
     z = dmu_attn.scores[emos.index(circuit.emotion)].double()  # [layer, head, d_head]
     if not torch.isfinite(z).all():
         raise InputError("focused_heads(): NaN or infinite payload vectors; recompute the difference vectors.")
-    cand = sorted((-float(z[int(l), int(h)].norm()), int(l), int(h))
+    norm = z.norm(dim=-1)  # [layer, head]
+    cand = sorted((-float(norm[int(l), int(h)]), int(l), int(h))
                   for l, hs in circuit.heads.items() for h in hs)  # largest norm first, then layer, head
     heads: dict[int, list[int]] = {}
     for _, l, h in cand[:k]:

@@ -714,8 +714,9 @@ class RunFolder:
     """A run folder's ``run.json``: who it belongs to (``identity``: command, model, configuration),
     its status and the state of every step, rewritten atomically as the run goes.
 
-    Used as a context manager (``with RunFolder.open(...) as rf:``), an exception marks the folder
-    ``failed`` (``interrupted`` on Ctrl-C) with the error in ``run.json``.
+    Used as a context manager (``with RunFolder.open(...) as rf:``), the block's normal end marks the
+    folder ``done``; an exception marks it ``failed`` (``interrupted`` on Ctrl-C) with the error in
+    ``run.json``.
 
     ``open(..., resume=True)`` continues a folder only when its identity equals the new one; otherwise
     it refuses with the differing fields (``overwrite=True`` accepts the new identity: steps whose
@@ -787,7 +788,11 @@ class RunFolder:
     def __exit__(self, et, e, tb) -> bool:
         # a command that dies leaves "failed"/"interrupted" and the error, not a "running" that never ends;
         # finished steps stay in the folder, so --resume continues from them
-        if e is not None and self.state.get("status") == "running":
+        if self.state.get("status") != "running":
+            return False
+        if e is None:
+            self.finish()
+        else:
             self.state["error"] = f"{et.__name__}: {e}"
             self.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         return False

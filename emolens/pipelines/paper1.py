@@ -1055,6 +1055,5 @@ def steer_cli(args) -> int:
         path = report.write_report([report.model_info_section(m), sec], rf.path, title=f"emolens steer: {m.name}",
                                    meta=report.run_metadata(m, cfg.to_dict(), command="emolens steer"),
                                    model_info=m.info())
-        rf.finish()
         print(f"run folder: {rf.path}\nreport: {Path(path).resolve()}")
         return 0

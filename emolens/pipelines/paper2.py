@@ -1628,6 +1628,5 @@ def circuit_cli(args) -> int:
                                    elapsed_s=round(time.time() - t0, 1))
         path = report.write_report([report.model_info_section(m)] + secs, rf.path,
                                    title=f"emolens: emotion circuits on {m.name}", meta=meta, model_info=m.info())
-        rf.finish()
         print(f"report: {Path(path).resolve()}")
         return 0
